@@ -1,0 +1,80 @@
+"""
+Reading checkpoint files safely and loading them into models built on the meta device.
+
+Shared by vit.py, qformer.py, llama.py and model.py so that every model file loads the same way:
+  1. build the model under `torch.device("meta")` (no memory, no random init),
+  2. read the checkpoint (or one shard of it) with `read_checkpoint`,
+  3. move each tensor into place with `assign`, cast to the target dtype on the target device,
+  4. `check_complete` raises if any parameter was never loaded.
+Every problem raises CheckpointError with one line that names the file or the key.
+"""
+import os
+import zipfile
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not fit the model."""
+
+
+def read_checkpoint(path):
+    """Read a .pth/.bin (torch zip, tensors only: weights_only=True) or .safetensors file -> dict."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+    try:
+        # mmap: tensors stay on disk until used, so a shard costs no more memory than what we keep of it
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+
+
+def first_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def unwrap(state, path="checkpoint"):
+    """LAVIS/MiniGPT-4 files hold {"model": state_dict, ...}; plain files are the state dict itself."""
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (or {{'model': state_dict}})")
+    return state
+
+
+def assign(model, key, tensor, dtype=None, device="cpu"):
+    """Put `tensor` at parameter/buffer `key` of `model` (cast to dtype, on device), checking the shape."""
+    module_name, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or (name not in module._parameters and name not in module._buffers):
+        raise CheckpointError(f"unexpected key in checkpoint: {key}")
+    old = getattr(module, name)
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise CheckpointError(f"shape mismatch for {key}: checkpoint has {list(tensor.shape)}, "
+                              f"model expects {list(old.shape)}")
+    dtype = dtype if (dtype is not None and old.is_floating_point()) else old.dtype
+    t = tensor.to(device=device, dtype=dtype)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = t
+
+
+def check_complete(model, what="checkpoint"):
+    """Raise if any parameter or persistent buffer is still on the meta device (never loaded)."""
+    missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{what} is missing {len(missing)} key(s): {', '.join(missing[:5])}{more}")
