@@ -1,0 +1,449 @@
+"""Data for MiniGPT-4: image preprocessing, the stage-1 shard dataset, the stage-2 cc_sbu_align dataset,
+the caption clean-up, and a command that packs your own images into shards:
+
+    python data.py pack IMAGES_DIR CAPTIONS OUT_DIR --shard-size 1000 [--resize 224]
+"""
+import argparse, csv, glob as globlib, io, json, math, os, random, re, sys, tarfile, warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# ----------------------------------------------------------------------------------------------------------
+# Images: the original eval processor (`Blip2ImageEvalProcessor`): convert("RGB") -> PIL bicubic resize to
+# size x size -> ToTensor -> CLIP mean/std. Decisions, on top of the original:
+# - RGBA/LA: alpha is simply dropped and palettes ("P", with or without transparency) are expanded, exactly
+#   what convert("RGB") does; CMYK uses Pillow's conversion, like the original.
+# - 16-bit grayscale (modes I;16*, and I, taken as 0..65535) is scaled to 8 bits (round(v / 257)); Pillow's
+#   own convert would clip every value above 255 to white.
+# - EXIF orientation is NOT applied by default (the original ignores it); `exif=True` honours it.
+# - Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS) stays on: a bomb is an ImageError.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message names the file."""
+
+
+def load_image(src, name=None, exif=False):
+    """A path, bytes, file object or PIL image -> a fully decoded RGB PIL image, else ImageError naming it."""
+    name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
+    try:
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb") as f:
+                src = f.read()
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            if len(src) == 0:
+                raise ValueError("empty (0 bytes)")
+            src = io.BytesIO(src)
+        img = src if isinstance(src, Image.Image) else Image.open(src)  # checks the decompression-bomb limit
+        img.load()  # full decode now: a truncated file fails here, not later
+        img = ImageOps.exif_transpose(img) if exif else img
+        if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit gray (H, W) 0..65535 -> 8 bits
+            img = Image.fromarray(np.clip(np.round(np.asarray(img) / 257.0), 0, 255).astype(np.uint8), "L")
+        return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"cannot read image {name}: {e} (limit PIL.Image.MAX_IMAGE_PIXELS)") from e
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for broken files
+        raise ImageError(f"cannot read image {name}: {type(e).__name__}: {e}") from e
+
+
+def random_resized_crop_params(width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """(top, left, h, w) with torchvision RandomResizedCrop.get_params' sampling (same draws from the torch RNG
+    or `generator`): 10 tries of area x aspect ratio, else a centre crop clamped to the ratio range."""
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = width * height * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return i, j, h, w
+    w, h = width, height  # fallback: centre crop, the whole image if its ratio is in range
+    if width / height < min(ratio):
+        h = int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        w = int(round(height * max(ratio)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def preprocess(src, train=False, size=224, generator=None, exif=False, name=None):
+    """Image -> (3, size, size) float32 tensor. train=True: random resized crop (scale 0.5..1, the first
+    MiniGPT-4 recipe) from `generator` (a torch.Generator; None = torch's global RNG) instead of the resize."""
+    img = load_image(src, name=name, exif=exif)
+    if train:
+        i, j, h, w = random_resized_crop_params(img.width, img.height, generator=generator)
+        img = img.crop((j, i, j + w, i + h))
+    img = img.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, size, size)
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captions and shard lists.
+
+def pre_caption(caption, max_words=50):
+    """The original stage-1 caption clean-up (BLIP `pre_caption`): lowercase, each of .!"()*#:;~ -> space,
+    runs of whitespace -> one space, strip, keep at most max_words words."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def braceexpand(pattern):
+    """'a/{000..002}.tar' -> a/000.tar a/001.tar a/002.tar (zero padding from the first number); '{x,y}' too."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    items = [f"{i:0{len(r.group(1))}d}" for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r \
+        else m.group(1).split(",")
+    return [p for it in items for p in braceexpand(pattern[:m.start()] + it + pattern[m.end():])]
+
+
+def expand_shards(spec, check=True):
+    """Shard files from brace ranges, globs, lists joined by ',' or '::' (outside braces), or a Python list.
+    check: every file must exist (one error listing the first missing ones)."""
+    out = []
+    for part in spec if isinstance(spec, (list, tuple)) else [spec]:
+        for piece in re.split(r"::|,(?![^{]*\})", os.fspath(part)):
+            for p in braceexpand(piece.strip()):
+                if re.search(r"[*?\[]", p):
+                    hits = sorted(globlib.glob(p))
+                    if check and not hits:
+                        raise FileNotFoundError(f"no shard matches {p!r}")
+                    out += hits
+                elif p:
+                    out.append(p)
+    missing = [p for p in out if not os.path.isfile(p)] if check else []
+    if check and (missing or not out):
+        raise FileNotFoundError(f"shards {spec!r}: {len(missing)} of {len(out)} files missing {missing[:3]}")
+    return out
+
+
+def split_shards(shards, rank=0, world_size=1, worker=0, num_workers=1):
+    """The shards of one DataLoader worker: every (world_size * num_workers)-th shard, starting at its global
+    worker id rank * num_workers + worker. Disjoint and complete over all workers of all ranks."""
+    return shards[rank * num_workers + worker::world_size * num_workers]
+
+
+def read_tar(path):
+    """(key, {ext: bytes}) for each sample of an img2dataset/webdataset shard, in file order. The key is the
+    member path up to the first dot of its base name; consecutive members with one key form a sample."""
+    key, rec = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for m in tar:
+            folder, base = os.path.split(m.name)
+            if not m.isfile() or "." not in base or base.startswith("."):
+                continue
+            k, ext = base.split(".", 1)
+            k = f"{folder}/{k}" if folder else k
+            if k != key and rec:
+                yield key, rec
+                rec = {}
+            key, rec[ext.lower()] = k, tar.extractfile(m).read()
+    if rec:
+        yield key, rec
+
+
+def mix(iterators, weights, rng):
+    """Interleave iterators, drawing from iterator i with probability ∝ weights[i]; exhausted ones drop out."""
+    its, ws = list(iterators), list(weights)
+    while its:
+        i = rng.choices(range(len(its)), ws)[0]
+        try:
+            yield next(its[i])
+        except StopIteration:
+            del its[i], ws[i]
+
+
+def shuffle_buffer(items, size, rng):
+    """Approximate shuffle with a buffer of `size` items (webdataset-style); size <= 1 keeps the order."""
+    buf = []
+    for x in items:
+        if len(buf) < max(size, 1):
+            buf.append(x)
+            continue
+        j = rng.randrange(len(buf))
+        yield buf[j]
+        buf[j] = x
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _seed(*parts):  # a 63-bit seed from any values, stable across runs and processes
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
+
+
+def _bad(key, error):  # a sample that collate() drops and counts
+    return {"image": None, "text": None, "key": key, "error": error}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: image-caption pairs in webdataset tar shards (img2dataset layout: KEY.jpg/.png/.webp + KEY.json
+# with "caption" or KEY.txt), as train.py uses them:
+#   ds = ShardDataset(["laion/{00000..10488}.tar", "cc_sbu/{00000..01255}.tar"], weights=[115, 14], seed=0)
+#   loader = DataLoader(ds, batch_size=64, num_workers=4, collate_fn=collate)   # persistent_workers=False
+#   state = None                          # or, resuming: ds.load_state_dict(saved["data"]); state = saved["data"]
+#   for epoch in range(start_epoch, epochs):
+#       ds.set_epoch(epoch)
+#       for batch in loader:              # batch["image"] (B, 3, 224, 224), batch["text"] [B] cleaned captions
+#           state = track(state, batch)   # save `state` with the checkpoint (per rank: it differs by rank)
+# - Epoch: each source's shard list is shuffled with (seed, epoch) and split over the global workers
+#   (split_shards): each sample is read once per epoch. Want #shards >= world_size * num_workers (ideally a
+#   multiple); with fewer, some workers get no shard of a source (a warning): still no repeats, but those
+#   workers miss that source. Ranks can end an epoch with different batch counts: under DDP run a fixed
+#   number of steps per epoch (as the original's iters_per_epoch), not to the end of the loader.
+# - Mixing: each sample is drawn from a source with probability weight / sum (the original mixes LAION and
+#   CC/SBU 115:14, per batch; here per sample); an exhausted source drops out of the epoch. Then a shuffle
+#   buffer. All randomness comes from (seed, epoch, rank, worker), so each worker's stream is repeatable.
+# - Bad samples (corrupt/truncated/missing image, no caption, broken shard) become {"image": None, "error"}
+#   items; `collate` drops and counts them (batch["skipped"], batch["errors"]); never a zero-filled sample.
+#   A batch may thus hold fewer than batch_size samples, even none (skip it). ds.skipped counts per process.
+# - Resume: each sample carries (epoch, worker, position = records this worker has read); track() keeps the
+#   last position per worker; load_state_dict() makes every worker replay its stream without decoding up to
+#   there, so the run continues exactly (same world_size and num_workers required, checked).
+
+def track(state, batch):
+    """The data position after `batch` (or a sample), to save with a checkpoint and load_state_dict later."""
+    if state is None or state["epoch"] != batch["epoch"]:
+        state = {k: batch[k] for k in ("epoch", "world_size", "num_workers")} | {"positions": {}}
+    state["positions"][batch["worker"]] = batch["position"]
+    return state
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Stage 1 pairs from tar shards. `sources`: one shard spec (expand_shards), or one per weight."""
+
+    def __init__(self, sources, weights=None, seed=0, shuffle=1000, size=224, train=False, max_words=50,
+                 rank=None, world_size=None):
+        sources = [sources] if weights is None else list(sources)  # one shard spec, or one per weight
+        self.sources = [expand_shards(s) for s in sources]
+        self.weights = [1.0] if weights is None else list(weights)
+        if len(self.weights) != len(self.sources) or min(self.weights) <= 0:
+            raise ValueError(f"need one positive weight per source, got {self.weights} for {len(sources)}")
+        self.seed, self.shuffle, self.size, self.train, self.max_words = seed, shuffle, size, train, max_words
+        self.rank, self.world_size, self.epoch, self.resume, self.skipped = rank, world_size, 0, None, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def load_state_dict(self, state):
+        """Continue from a track() state: sets the epoch; each worker skips the records it already read."""
+        self.epoch, self.resume = state["epoch"], state
+
+    def _records(self, shards):
+        for path in shards:
+            try:
+                for key, rec in read_tar(path):
+                    yield f"{path}:{key}", rec
+            except (tarfile.TarError, OSError, EOFError) as e:
+                yield path, {"error": f"broken shard {path}: {type(e).__name__}: {e}"}
+
+    def _decode(self, key, rec, generator):
+        if "error" in rec:
+            return _bad(key, rec["error"])
+        try:
+            caption = json.loads(rec["json"]).get("caption") if "json" in rec else None
+        except (ValueError, AttributeError):  # not JSON, or not an object
+            caption = None
+        if caption is None and "txt" in rec:
+            caption = rec["txt"].decode("utf-8", "replace")
+        text = pre_caption(caption, self.max_words) if isinstance(caption, str) else ""
+        ext = next((e for e in IMAGE_EXTS if e in rec), None)
+        if ext is None or not text:
+            return _bad(key, f"{key}: " + ("no image" if ext is None else "no caption"))
+        try:
+            image = preprocess(rec[ext], self.train, self.size, generator, name=f"{key}.{ext}")
+        except ImageError as e:
+            return _bad(key, str(e))
+        return {"image": image, "text": text, "key": key}
+
+    def stream(self, rank=0, world_size=1, worker=0, num_workers=1):
+        """The items of one worker in this epoch; deterministic given (seed, epoch, rank, worker)."""
+        its, weights = [], []
+        for s, (shards, w) in enumerate(zip(self.sources, self.weights)):
+            order = random.Random(_seed(self.seed, self.epoch, "shards", s)).sample(shards, len(shards))
+            mine = split_shards(order, rank, world_size, worker, num_workers)
+            if mine:
+                its.append(self._records(mine))
+                weights.append(w)
+            else:
+                warnings.warn(f"rank {rank} worker {worker} gets no shard of source {s} ({len(shards)} shards for "
+                              f"{world_size * num_workers} workers; want #shards >= world_size * num_workers)")
+        records = mix(its, weights, random.Random(_seed(self.seed, self.epoch, rank, worker, "mix")))
+        records = shuffle_buffer(records, self.shuffle, random.Random(_seed(self.seed, self.epoch, rank, worker)))
+        skip, saved = 0, self.resume
+        if saved is not None and saved["epoch"] == self.epoch:
+            if (saved["world_size"], saved["num_workers"]) != (world_size, num_workers):
+                raise ValueError(f"data state saved with world_size={saved['world_size']}, num_workers="
+                                 f"{saved['num_workers']}; now {world_size}, {num_workers}: use the same to resume")
+            skip = {int(k): v for k, v in saved["positions"].items()}.get(worker, 0)
+        for position, (key, rec) in enumerate(records, 1):
+            if position <= skip:
+                continue
+            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, rank, worker, position))
+            sample = self._decode(key, rec, g) | dict(epoch=self.epoch, world_size=world_size,
+                                                      num_workers=num_workers, worker=worker, position=position)
+            yield sample
+
+    def __iter__(self):  # rank/world: given, else torch.distributed, else RANK/WORLD_SIZE, else (0, 1)
+        rank, world = self.rank, self.world_size
+        if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        elif rank is None:
+            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        for sample in self.stream(rank, world or 1, worker, num_workers):
+            self.skipped += sample["image"] is None
+            yield sample
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: the cc_sbu_align folder (filter_cap.json {"annotations": [{"image_id", "caption"}]} and
+# image/{image_id}.jpg), map-style: AlignDataset(root)[i] -> {"image", "text", "instruction", "key"}; under
+# DDP use a DistributedSampler (set_epoch on both). The caption is used as is (the original's
+# CCSBUAlignDataset does not clean it). One instruction per sample, seeded by (seed, epoch, index), from a list
+# (default prompts/alignment.txt; lines without <ImageHere> are ignored, as in the original, which draws one
+# per batch); train.py wraps it in the template ('###Human: {} ###Assistant: '). Bad samples: {"image": None}.
+DEFAULT_INSTRUCTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "alignment.txt")
+
+
+def load_instructions(src=None):
+    """Instructions from a file (one per line) or a list; default the original four alignment prompts."""
+    if src is None or isinstance(src, (str, os.PathLike)):
+        with open(DEFAULT_INSTRUCTIONS if src is None else src, encoding="utf-8") as f:
+            src = f.read().splitlines()
+    out = [s.strip() for s in src if "<ImageHere>" in s]
+    if not out:
+        raise ValueError("no instruction holds the <ImageHere> placeholder")
+    return out
+
+
+class AlignDataset(torch.utils.data.Dataset):
+    """Stage 2: cc_sbu_align image-description pairs with one instruction per sample (see above)."""
+
+    def __init__(self, root, instructions=None, seed=0, size=224, train=False):
+        path = os.path.join(root, "filter_cap.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.annotations = json.load(f)["annotations"]
+            if not (isinstance(self.annotations, list) and all(isinstance(a, dict) for a in self.annotations)):
+                raise TypeError("'annotations' is not a list of objects")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: expected {{'annotations': [{{'image_id', 'caption'}}, ...]}} "
+                             f"({type(e).__name__}: {e})") from e
+        self.root, self.seed, self.size, self.train, self.epoch, self.skipped = root, seed, size, train, 0, 0
+        self.instructions = load_instructions(instructions)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.annotations)
+
+    def __getitem__(self, index):
+        ann = self.annotations[index]
+        key, caption = str(ann.get("image_id")), ann.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            self.skipped += 1
+            return _bad(key, f"{key}: no caption")
+        rng = random.Random(_seed(self.seed, self.epoch, index))
+        try:
+            g = torch.Generator().manual_seed(rng.getrandbits(63))
+            image = preprocess(os.path.join(self.root, "image", f"{key}.jpg"), self.train, self.size, g)
+        except ImageError as e:
+            self.skipped += 1
+            return _bad(key, str(e))
+        return {"image": image, "text": caption, "instruction": rng.choice(self.instructions), "key": key}
+
+
+def collate(samples):
+    """Samples -> {"image": (B, 3, H, W) (torch.empty(0) if none), "text": [B], "key": [B], "instruction": [B]
+    (stage 2), "skipped": bad samples dropped from this batch, "errors": their messages, and for stage 1
+    "epoch", "world_size", "num_workers", "worker", "position" of the last item (for track())}."""
+    good = [s for s in samples if s["image"] is not None]
+    batch = {"image": torch.stack([s["image"] for s in good]) if good else torch.empty(0),
+             "text": [s["text"] for s in good], "key": [s["key"] for s in good],
+             "skipped": len(samples) - len(good), "errors": [s["error"] for s in samples if s["image"] is None]}
+    if any("instruction" in s for s in good):
+        batch["instruction"] = [s["instruction"] for s in good]
+    last = samples[-1] if samples else {}
+    batch.update({k: last[k] for k in ("epoch", "world_size", "num_workers", "worker", "position") if k in last})
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pack: a folder of images + a captions file -> OUT_DIR/00000.tar, 00001.tar, ... in the img2dataset layout.
+
+def read_captions(path):
+    """[(file, caption)] from JSON {"file": "caption"}, a JSON list of {"file", "caption"} or [file, caption],
+    or a CSV with columns file,caption."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f)) if str(path).lower().endswith(".csv") else json.load(f)
+    if isinstance(rows, dict):
+        return list(rows.items())
+    try:
+        return [(r["file"], r["caption"]) if isinstance(r, dict) else (r[0], r[1]) for r in rows]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}: expected {{file: caption}}, a list of {{file, caption}} or a CSV with "
+                         f"columns file,caption ({type(e).__name__}: {e})") from e
+
+
+def pack(images_dir, captions, out_dir, shard_size=1000, resize=None):
+    """Write the shards; unreadable images are skipped with a warning. Returns (shard paths, written, skipped)."""
+    os.makedirs(out_dir, exist_ok=True)
+    shards, tar, written, skipped = [], None, 0, 0
+    for file, caption in read_captions(captions):
+        path = os.path.join(images_dir, file)
+        try:
+            img = load_image(path)
+        except ImageError as e:
+            warnings.warn(f"pack: skipped {e}")
+            skipped += 1
+            continue
+        ext = os.path.splitext(file)[1].lower().lstrip(".").replace("jpeg", "jpg")
+        if resize or ext not in IMAGE_EXTS:  # re-encode (resized to resize x resize, bicubic) as JPEG
+            buf = io.BytesIO()
+            (img.resize((resize, resize), Image.BICUBIC) if resize else img).save(buf, "JPEG", quality=95)
+            blob, ext = buf.getvalue(), "jpg"
+        else:  # the original bytes
+            with open(path, "rb") as f:
+                blob = f.read()
+        if written % shard_size == 0:
+            if tar:
+                tar.close()
+            shards.append(os.path.join(out_dir, f"{len(shards):05d}.tar"))
+            tar = tarfile.open(shards[-1], "w")
+        key = f"{len(shards) - 1:05d}{written % shard_size:0{len(str(shard_size - 1))}d}"  # as img2dataset
+        meta = json.dumps({"caption": caption, "key": key, "file": file}).encode()
+        for name, b in ((f"{key}.{ext}", blob), (f"{key}.txt", caption.encode()), (f"{key}.json", meta)):
+            info = tarfile.TarInfo(name)
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+        written += 1
+    if tar:
+        tar.close()
+    return shards, written, skipped
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="MiniGPT-4 data tools")
+    pk = p.add_subparsers(dest="cmd", required=True).add_parser("pack", help="images + captions -> tar shards")
+    pk.add_argument("images_dir")
+    pk.add_argument("captions", help="JSON {file: caption} or [{file, caption}], or CSV with columns file,caption")
+    pk.add_argument("out_dir")
+    pk.add_argument("--shard-size", type=int, default=1000)
+    pk.add_argument("--resize", type=int, default=None, help="store images resized to NxN (bicubic, JPEG)")
+    args = p.parse_args(argv)
+    shards, written, skipped = pack(args.images_dir, args.captions, args.out_dir, args.shard_size, args.resize)
+    print(f"wrote {written} samples in {len(shards)} shards to {args.out_dir} ({skipped} skipped)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
