@@ -1,0 +1,447 @@
+"""LLaMA / Vicuna / Llama-2 in one file: config, model with a KV cache, checkpoint loading (HF and Meta
+formats), the sentencepiece tokenizer, and generation (greedy / sampling, HF-compatible processors).
+Module names are the HF checkpoint keys, so an HF folder loads as an identity; Meta's consolidated.*.pth
+go through one rename table and one q/k permutation (we use HF's rotate-half RoPE convention)."""
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import attention
+from checkpoint import CheckpointError, assign, check_complete, read_checkpoint
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None -> n_heads (grouped-query attention when smaller)
+    vocab_size: int = 32000
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name):
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, path):
+        """HF `config.json` (or the folder holding it) -> LlamaConfig."""
+        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise CheckpointError(f"config not found: {path}")
+        c = json.load(open(path))
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
+        if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{path}: unsupported rope scaling or activation")
+        return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                   n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
+                   hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                   rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                   max_seq_len=c.get("max_position_embeddings", 2048),
+                   tie_embeddings=c.get("tie_word_embeddings", False))
+
+    @classmethod
+    def from_meta(cls, path, vocab_size):
+        """Meta `params.json` -> LlamaConfig (FFN width by Meta's multiple_of rule; vocab -1 -> vocab_size)."""
+        p = json.load(open(path))
+        hidden, m = int((p.get("ffn_dim_multiplier") or 1) * int(2 * 4 * p["dim"] / 3)), p.get("multiple_of", 256)
+        return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
+                   vocab_size=max(p.get("vocab_size", -1), 0) or vocab_size, hidden_dim=-(-hidden // m) * m,
+                   norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
+
+PRESETS = {
+    "llama-7b": dict(),
+    "vicuna-7b": dict(),  # Vicuna v0 keeps LLaMA-7B's shapes (some builds have vocab 32001: from_hf reads it)
+    "vicuna-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
+    "llama2-7b": dict(norm_eps=1e-5, max_seq_len=4096),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000, hidden_dim=172),
+}
+
+# ----------------------------------------------------------------------------------------------- model
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # computed in fp32 and cast back, exactly as HF does
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+def rope_cos_sin(positions, head_dim, theta):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32 (HF layout: the half-table repeated)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos(), emb.sin()
+
+def apply_rope(x, cos, sin):  # x (B, H, T, D); rotate-half: pairs (i, i + D/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, key_mask, cache, layer):  # x (B, T, C)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # keys = cache prefix + the new tokens
+            k, v = cache.write(layer, k, v)  # (B, Hkv, pos + T, D)
+        y = attention(q, k, v, causal=True, mask=key_mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+class MLP(nn.Module):  # SwiGLU
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, key_mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+class KVCache:
+    """Preallocated keys/values (B, Hkv, max_len, D) per layer, a key-valid mask (B, max_len) and an int
+    write position `pos`: slots [0, pos) are filled; pad slots (valid False) are never attended."""
+
+    def __init__(self, cfg, batch_size, max_len, dtype, device):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k, self.v = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)] for _ in "kv")
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos, self.max_len = 0, max_len
+
+    def n_valid(self):  # (B,) number of real tokens held per row
+        return self.valid[:, :self.pos].sum(-1)
+
+    def write(self, layer, k, v):  # k, v (B, Hkv, T, D) at slots [pos, pos + T)
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index):  # select/reorder rows along the batch (beam search)
+        self.k, self.v = ([t.index_select(0, index) for t in ts] for ts in (self.k, self.v))
+        self.valid = self.valid.index_select(0, index)
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.model.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, ids):  # (B, T) -> (B, T, C)
+        return self.model.embed_tokens(ids)
+
+    def new_cache(self, batch_size, max_len):
+        return KVCache(self.cfg, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
+
+    def forward(self, idx=None, embeds=None, mask=None, positions=None, cache=None):
+        """idx (B, T) ids or embeds (B, T, C); mask (B, T) 1 = real, 0 = pad (for the new tokens);
+        positions (B, T), default = number of real tokens before each token (cache included), so
+        right-padded rows continue at the right place. Appends to `cache` if given. -> fp32 logits (B, T, V)."""
+        x = self.embed(idx) if embeds is None else embeds
+        B, T, _ = x.shape
+        key_mask = None if mask is None else mask.bool()  # None: all real (lets SDPA use its causal path)
+        mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+        if positions is None:  # number of real tokens before each token
+            past = 0 if cache is None else cache.n_valid()[:, None]  # (B, 1)
+            positions = past + mask.long().cumsum(-1) - mask.long()  # (B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        if cache is not None:
+            if cache.pos + T > cache.max_len:
+                raise ValueError(f"KV cache full: {cache.pos} + {T} tokens > max_len {cache.max_len}")
+            cache.valid[:, cache.pos:cache.pos + T] = mask
+            key_mask = cache.valid[:, :cache.pos + T]  # (B, pos + T)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, key_mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.model.norm(x)).float()  # (B, T, V), fp32 whatever the model dtype
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+        """HF folder (config.json + safetensors / .bin, sharded or not) or Meta folder (params.json +
+        consolidated.*.pth). Built on the meta device, filled shard by shard in `dtype` on `device`."""
+        folder = str(folder)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"model folder not found: {folder}")
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            cfg, items = LlamaConfig.from_hf(folder), hf_items(folder)
+        elif os.path.isfile(os.path.join(folder, "params.json")):
+            cfg, items = meta_items(folder)
+        else:
+            raise CheckpointError(f"{folder}: neither config.json (HF) nor params.json (Meta) found")
+        with torch.device("meta"):
+            model = cls(cfg)
+        ignore = re.compile("|".join(IGNORED_KEYS + (["lm_head.weight"] if cfg.tie_embeddings else [])))
+        for key, tensor in items:
+            if not ignore.fullmatch(key):
+                assign(model, key, tensor, dtype, device)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        check_complete(model, f"checkpoint in {folder}")
+        return model.eval()
+
+# ------------------------------------------------------------------------------------- checkpoint files
+IGNORED_KEYS = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"rope\.freqs"]  # buffers we recompute
+
+def hf_items(folder):
+    """Yield (key, tensor) from an HF folder, one shard in memory at a time; safetensors preferred."""
+    names = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"]
+    files = [n for n in names if os.path.isfile(os.path.join(folder, n))][:1]
+    if not files:
+        raise CheckpointError(f"{folder}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
+    if files[0].endswith(".index.json"):
+        index = os.path.join(folder, files[0])
+        try:
+            files = sorted(set(json.load(open(index))["weight_map"].values()))
+        except Exception:
+            raise CheckpointError(f"{index}: not a valid index file (no weight_map)") from None
+        for f in files:
+            if not os.path.isfile(os.path.join(folder, f)):
+                raise CheckpointError(f"shard {f} listed in {index} is missing")
+    return (item for f in files for item in read_checkpoint(os.path.join(folder, f)).items())  # lazy: 1 shard
+
+# Meta name -> HF name, and the dim along which model-parallel shards are concatenated (None: replicated)
+META_TO_HF = {
+    "tok_embeddings.weight": ("model.embed_tokens.weight", 1),
+    "norm.weight": ("model.norm.weight", None),
+    "output.weight": ("lm_head.weight", 0),
+    "attention.wq.weight": ("self_attn.q_proj.weight", 0),
+    "attention.wk.weight": ("self_attn.k_proj.weight", 0),
+    "attention.wv.weight": ("self_attn.v_proj.weight", 0),
+    "attention.wo.weight": ("self_attn.o_proj.weight", 1),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+    "attention_norm.weight": ("input_layernorm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
+}
+
+def meta_to_hf_permute(w, n_heads):
+    """q/k rows: Meta's interleaved RoPE pairs (2i, 2i+1) -> HF rotate-half pairs (i, i + D/2), per head."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+def meta_items(folder):
+    """Meta folder -> (config, iterator of (HF key, tensor)); MP shards (13B: 2) are concatenated."""
+    paths = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
+    if not paths:
+        raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth")
+    shards = [read_checkpoint(p) for p in paths]  # mmap'ed: tensors stay on disk until used
+    emb = shards[0].get("tok_embeddings.weight")
+    if emb is None:
+        raise CheckpointError(f"{paths[0]}: missing key tok_embeddings.weight")
+    cfg = LlamaConfig.from_meta(os.path.join(folder, "params.json"), vocab_size=emb.shape[0])
+
+    def items():
+        for key in shards[0]:
+            m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+            name = m.group(2) if m else key
+            if name not in META_TO_HF:
+                yield key, shards[0][key]  # ignored buffers (rope.freqs) are dropped by the caller; others raise
+                continue
+            hf, dim = META_TO_HF[name]
+            hf = f"model.layers.{m.group(1)}.{hf}" if m else hf
+            if any(key not in s for s in shards):
+                raise CheckpointError(f"key {key} missing from one of {paths}")
+            parts = [s[key] for s in shards]
+            w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+            if name in ("attention.wq.weight", "attention.wk.weight"):
+                w = meta_to_hf_permute(w, cfg.n_heads if name == "attention.wq.weight" else cfg.n_kv_heads)
+            yield hf, w
+    return cfg, items()
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+class Tokenizer:
+    """sentencepiece LLaMA tokenizer with the slow-HF (transformers 4.28-4.30) rules: a literal "<s>",
+    "</s>" or "<unk>" in the text becomes its id, and every text segment between them is encoded on its own
+    (so it gets sentencepiece's leading "▁"). pad_id: the model's pad piece, else unk (0), as HF configs do."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        path = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else str(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"tokenizer not found: {path}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception:
+            raise ValueError(f"{path}: not a sentencepiece model") from None
+        self.n_words = self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk_id
+        self.special = {self.sp.id_to_piece(i): i for i in (self.unk_id, self.bos_id, self.eos_id) if i >= 0}
+        self.split_re = re.compile("(" + "|".join(re.escape(s) for s in self.special) + ")")
+
+    def encode(self, text, bos=False, eos=False):
+        ids = [self.bos_id] if bos else []
+        for seg in self.split_re.split(text):  # each segment on its own (sp.encode("") == [])
+            ids += [self.special[seg]] if seg in self.special else self.sp.encode(seg)
+        return ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.sp.decode([i for i in ids if 0 <= i < self.n_words])
+
+# ----------------------------------------------------------------------------------------------- generation
+def process_logits(logits, seen=None, repetition_penalty=1.0, do_sample=False, temperature=1.0, top_k=None,
+                   top_p=None):
+    """HF's processors in HF's order: repetition penalty on `seen` ids (B, V) bool; then, only when
+    sampling, temperature, top-k, top-p (removed ids -> -inf). logits (B, V) fp32 -> scores (B, V)."""
+    if repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if not do_sample:
+        return logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1:] = False  # keep at least one
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    return logits
+
+class _RowText:
+    """Text of one row as it grows: cut at the first stop string; `delta()` returns only what is final
+    (holds back an incomplete multi-byte char and anything that could still start a stop string)."""
+
+    def __init__(self, tok, stop_strings):
+        self.tok, self.stops, self.ids, self.sent, self.text, self.stopped = tok, stop_strings, [], 0, "", False
+
+    def push(self, token):
+        self.ids.append(token)
+        full = self.tok.decode(self.ids)
+        cuts = [full.find(s) for s in self.stops if s in full]
+        self.text, self.stopped = full[:min(cuts, default=len(full))], bool(cuts)
+
+    def delta(self, final=False):
+        text, end = self.text, len(self.text)
+        if not final and not self.stopped:
+            end = len(text.rstrip("\ufffd"))  # maybe an incomplete UTF-8 sequence
+            for s in self.stops:  # hold a suffix that may become a stop string
+                end -= max([n for n in range(1, len(s)) if text[:end].endswith(s[:n])], default=0)
+        out, self.sent = text[self.sent:max(end, self.sent)], max(end, self.sent)
+        return out
+
+@dataclass
+class Generation:
+    ids: torch.Tensor  # (B, n) new tokens; after a row finishes (eos / stop, included) it holds pad_id
+    lengths: torch.Tensor  # (B,) tokens generated per row, the eos / stop tokens included
+    cache: KVCache  # see generate()
+    scores: Optional[torch.Tensor] = None  # (n, B, V) scores after the processors (return_scores=True)
+    texts: Optional[list] = None  # decoded rows (tokenizer given), cut at the first stop string
+
+@torch.no_grad()
+def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
+             top_k=None, top_p=None, repetition_penalty=1.0, penalty_ids=None, eos_id=2, pad_id=0, stop=(),
+             tokenizer=None, on_text=None, cache=None, return_scores=False, generator=None, check_every=8):
+    """Decode up to max_new_tokens from ids `idx` (B, T) or `embeds` (B, T, C), right-padded by `mask`.
+    HF semantics: greedy unless do_sample; repetition penalty on every id in a running `input_ids` list,
+    seeded with `penalty_ids` (B, S) (default: the real ids of `idx`; HF seeds [[bos]] for embeds-only).
+    stop: token-id lists and/or strings (strings need `tokenizer`); rows stop independently.
+    on_text(row, delta): streamed text (needs `tokenizer`); the deltas of a row join to `texts[row]`.
+    cache: a KVCache that may hold a conversation prefix. On return it holds prefix + prompt + every
+    generated token of each row EXCEPT its last one (the eos / last stop token / last sampled token) which
+    was never fed; slots after a row finished are pad slots (valid False), harmless for later calls."""
+    x = model.embed(idx) if embeds is None else embeds
+    (B, T, _), dev = x.shape, x.device
+    mask = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
+    cache = model.new_cache(B, T + max_new_tokens) if cache is None else cache
+    if cache.pos + T + max_new_tokens - 1 > cache.max_len:
+        raise ValueError(f"cache too small: {cache.pos} + {T} + {max_new_tokens - 1} > {cache.max_len}")
+    seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=dev)  # running input_ids, as sets
+    if penalty_ids is None and idx is not None:
+        penalty_ids = torch.where(mask, idx, idx[:, :1])
+    if penalty_ids is not None:
+        seen.scatter_(1, torch.as_tensor(penalty_ids, device=dev).view(B, -1), True)
+    id_stops = [torch.tensor(s, device=dev) for s in stop if not isinstance(s, str)]
+    str_stops = [s for s in stop if isinstance(s, str)]
+    rows = [_RowText(tokenizer, str_stops) for _ in range(B)] if tokenizer is not None else None
+
+    logits = model(embeds=x, mask=mask, cache=cache)
+    logits = logits[torch.arange(B, device=dev), mask.long().sum(-1) - 1]  # (B, V) at each row's last token
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    scores_list = []
+    for t in range(max_new_tokens):
+        scores = process_logits(logits, seen, repetition_penalty, do_sample, temperature, top_k, top_p)
+        if return_scores:
+            scores_list.append(scores)
+        tok = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0] if do_sample else scores.argmax(-1)
+        tok = torch.where(finished, pad_id, tok)  # (B,) a finished row stops changing
+        out[:, t] = tok
+        lengths += ~finished
+        seen.scatter_(1, tok[:, None], True)
+        done = tok == eos_id if eos_id is not None else torch.zeros_like(finished)
+        for s in id_stops:
+            if t + 1 >= len(s):
+                done |= (out[:, t + 1 - len(s):t + 1] == s).all(-1)
+        if rows is not None:  # text work: the tokens go to the host every step
+            toks, fin = tok.tolist(), finished.tolist()
+            for b, row in enumerate(rows):
+                if not fin[b]:
+                    row.push(toks[b])
+                    done[b] |= row.stopped
+                    if on_text is not None and (d := row.delta()):
+                        on_text(b, d)
+        finished |= done
+        if t == max_new_tokens - 1 or ((rows or (t + 1) % check_every == 0) and bool(finished.all())):
+            break
+        logits = model(idx=tok[:, None], mask=~finished[:, None], cache=cache)[:, -1]  # (B, V)
+    for b, row in enumerate(rows or []):
+        if on_text is not None and (d := row.delta(final=True)):
+            on_text(b, d)
+    n = int(lengths.max())
+    return Generation(out[:, :n], lengths, cache, torch.stack(scores_list)[:n] if return_scores else None,
+                      [row.text for row in rows] if rows is not None else None)

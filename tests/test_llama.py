@@ -1,0 +1,314 @@
+"""llama.py vs transformers' LlamaForCausalLM and vs what the original MiniGPT-4 code generated."""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import assert_close, load_reference
+from checkpoint import CheckpointError
+from llama import (Llama, LlamaConfig, Tokenizer, generate, process_logits, META_TO_HF, IGNORED_KEYS)
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture
+def llama_dir(ref_dir):
+    return ref_dir / "llama"
+
+
+@pytest.fixture
+def ours(llama_dir):
+    return Llama.from_pretrained(llama_dir)
+
+
+@pytest.fixture
+def hf(llama_dir):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def random_ids(cfg, B, T, seed=0):
+    return torch.randint(3, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def copy_without(llama_dir, tmp_path, drop):
+    dst = tmp_path / "llama"
+    shutil.copytree(llama_dir, dst, ignore=shutil.ignore_patterns(drop))
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("keep", ["safetensors", "bin"])
+def test_logits_match_transformers(llama_dir, hf, tmp_path, keep):
+    folder = copy_without(llama_dir, tmp_path, "pytorch_model.bin" if keep == "safetensors" else "*.safetensors")
+    model = Llama.from_pretrained(folder)
+    idx = random_ids(model.cfg, 2, 17)
+    assert_close(model(idx), hf(idx).logits, f"logits ({keep})")
+
+
+def test_greedy_matches_transformers(ours, hf):
+    idx = random_ids(ours.cfg, 1, 7, seed=1)
+    ref = hf.generate(idx, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 7:]
+    out = generate(ours, idx, max_new_tokens=20, eos_id=None)
+    assert out.ids[0].tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("variant", ["vicuna0", "llama2"])
+def test_chat_generation_matches_original(ref_dir, ours, variant):
+    """The original's greedy generate from inputs_embeds (input_ids seeded with [bos]): ids and scores."""
+    tensors, meta = load_reference(ref_dir, variant)
+    for i, chat in enumerate(meta["chat"]):
+        ctx = tensors[f"chat{i}.context_embeds"]
+        assert_close(ours(embeds=ctx), tensors[f"chat{i}.logits"], "context logits")
+        rp = chat["generate_kwargs"]["repetition_penalty"]
+        out = generate(ours, embeds=ctx, max_new_tokens=20, repetition_penalty=rp, penalty_ids=[[1]],
+                       return_scores=True)
+        n = out.ids.shape[1]
+        assert [1] + out.ids[0].tolist() == chat["generate_output_ids"]
+        assert_close(out.scores[:, 0], tensors[f"chat{i}.gen_scores"][:n], "gen_scores")
+        if "generate_output_ids_repetition_penalty_1" in chat:
+            out = generate(ours, embeds=ctx, max_new_tokens=20)
+            assert [1] + out.ids[0].tolist() == chat["generate_output_ids_repetition_penalty_1"]
+
+
+def test_kv_cache_equals_full_forward(ours):
+    idx = random_ids(ours.cfg, 2, 12, seed=2)
+    full = ours(idx)
+    cache = ours.new_cache(2, 12)
+    chunks = [ours(idx[:, a:b], cache=cache) for a, b in [(0, 5), (5, 6), (6, 7), (7, 12)]]
+    assert cache.pos == 12
+    assert_close(torch.cat(chunks, 1), full, "cached logits")
+
+
+def test_right_padded_batch(ours):
+    """Padded prefill: per-row logits equal each row alone; incremental decode continues exactly."""
+    lens = [9, 5, 7]
+    rows = [random_ids(ours.cfg, 1, n, seed=10 + i) for i, n in enumerate(lens)]
+    T = max(lens)
+    idx = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        idx[b, :r.shape[1]], mask[b, :r.shape[1]] = r[0], 1
+    batch = ours(idx, mask=mask)
+    cache = ours.new_cache(len(lens), T + 4)
+    assert_close(ours(idx, mask=mask, cache=cache), batch, "padded prefill with cache")
+    nxt = random_ids(ours.cfg, len(lens), 4, seed=20)
+    steps = [ours(nxt[:, s:s + 1], cache=cache) for s in range(4)]  # (B, 1, V) each
+    for b, r in enumerate(rows):
+        alone = ours(r)
+        assert_close(batch[b, :lens[b]], alone[0], f"row {b}")
+        solo = ours(torch.cat([r, nxt[b:b + 1]], 1))[0, lens[b]:]
+        assert_close(torch.cat([s[b] for s in steps]), solo, f"decode row {b}")
+
+
+def test_batched_generation_rows_stop_independently(ours):
+    a, b = random_ids(ours.cfg, 1, 6, seed=3), random_ids(ours.cfg, 1, 4, seed=4)
+    solo_a = generate(ours, a, max_new_tokens=12, eos_id=None).ids[0]
+    solo_b = generate(ours, b, max_new_tokens=12, eos_id=None).ids[0]
+    eos = int(solo_a[3])  # row a "ends" at its 4th token (or earlier if it appeared before)
+    stop_at = solo_a.tolist().index(eos) + 1
+    idx = torch.zeros(2, 6, dtype=torch.long)
+    idx[0], idx[1, :4] = a[0], b[0]
+    mask = (torch.arange(6) < torch.tensor([[6], [4]])).long()
+    out = generate(ours, idx, mask=mask, max_new_tokens=12, eos_id=eos, pad_id=0)
+    want_b = solo_b.tolist()
+    want_b = want_b[:want_b.index(eos) + 1] if eos in want_b else want_b
+    assert out.lengths.tolist() == [stop_at, len(want_b)]
+    assert out.ids[0].tolist() == solo_a[:stop_at].tolist() + [0] * (out.ids.shape[1] - stop_at)
+    assert out.ids[1, :len(want_b)].tolist() == want_b
+
+
+def test_cache_reuse_across_turns(ours):
+    """Turn 2 with the returned cache == one generate over the whole history without a cache."""
+    p1, p2 = random_ids(ours.cfg, 1, 6, seed=5), random_ids(ours.cfg, 1, 5, seed=6)
+    turn1 = generate(ours, p1, max_new_tokens=5, eos_id=None, cache=ours.new_cache(1, 40))
+    assert turn1.cache.n_valid().item() == 6 + 5 - 1  # the last generated token is not fed yet
+    ids2 = torch.cat([turn1.ids[:, -1:], p2], 1)
+    turn2 = generate(ours, ids2, max_new_tokens=6, eos_id=None, cache=turn1.cache, return_scores=True)
+    full = torch.cat([p1, turn1.ids, p2], 1)
+    ref = generate(ours, full, max_new_tokens=6, eos_id=None, return_scores=True)
+    assert turn2.ids.tolist() == ref.ids.tolist()
+    assert_close(turn2.scores, ref.scores, "turn-2 scores")
+
+
+@pytest.fixture
+def gqa_dir(tmp_path):
+    """A random GQA model with tied embeddings and another rope_theta, saved by transformers."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = HFConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                   intermediate_size=100, vocab_size=200, rope_theta=500000.0, tie_word_embeddings=True,
+                   rms_norm_eps=1e-5)
+    m = LlamaForCausalLM(cfg).eval()
+    m.save_pretrained(tmp_path / "gqa")
+    return tmp_path / "gqa", m
+
+
+def test_gqa_tied_matches_transformers(gqa_dir):
+    folder, hf = gqa_dir
+    model = Llama.from_pretrained(folder)
+    assert model.cfg.n_kv_heads == 2 and model.cfg.tie_embeddings and model.cfg.rope_theta == 500000.0
+    idx = random_ids(model.cfg, 2, 11)
+    assert_close(model(idx), hf(idx).logits, "GQA logits")
+    cache = model.new_cache(2, 11)
+    assert_close(torch.cat([model(idx[:, :6], cache=cache), model(idx[:, 6:], cache=cache)], 1),
+                 hf(idx).logits, "GQA cached logits")
+
+
+def hf_to_meta_permute(w, n_heads):
+    """Inverse of llama.meta_to_hf_permute: HF rotate-half rows -> Meta's interleaved pairs, per head."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def to_meta_folder(llama_dir, dst, n_shards=2):
+    """Write the HF fixture in Meta's layout: Meta names, interleaved q/k, params.json, MP shards."""
+    from safetensors.torch import load_file
+    sd = {k: v.float() for k, v in load_file(llama_dir / "model.safetensors").items()}
+    cfg = LlamaConfig.from_hf(llama_dir)
+    hf_to_meta = {hf: (meta, dim) for meta, (hf, dim) in META_TO_HF.items()}
+    shards = [{} for _ in range(n_shards)]
+    for key, w in sd.items():
+        if any(re.fullmatch(p, key) for p in IGNORED_KEYS):
+            continue
+        parts = key.split(".")
+        layer = parts[2] if parts[1] == "layers" else None
+        meta, dim = hf_to_meta[".".join(parts[3:]) if layer else key]
+        if meta == "attention.wq.weight":
+            w = hf_to_meta_permute(w, cfg.n_heads)
+        elif meta == "attention.wk.weight":
+            w = hf_to_meta_permute(w, cfg.n_kv_heads)
+        name = f"layers.{layer}.{meta}" if layer else meta
+        for s in range(n_shards):
+            shards[s][name] = w.clone() if dim is None else w.chunk(n_shards, dim)[s].clone()
+    shards[0]["rope.freqs"] = torch.zeros(cfg.head_dim // 2)  # present in LLaMA-1 files, ignored
+    dst.mkdir()
+    for s, sd_s in enumerate(shards):
+        torch.save(sd_s, dst / f"consolidated.{s:02d}.pth")
+    base = int(2 * 4 * cfg.dim / 3)  # choose Meta's FFN rule parameters that give the fixture's hidden_dim
+    (dst / "params.json").write_text(json.dumps(dict(
+        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, norm_eps=cfg.norm_eps, vocab_size=-1,
+        multiple_of=cfg.hidden_dim, ffn_dim_multiplier=cfg.hidden_dim / base)))
+    return dst
+
+
+def test_meta_format_two_shards(llama_dir, ours, tmp_path):
+    cfg = ours.cfg
+    n = 2 if cfg.dim % 2 == 0 and cfg.hidden_dim % 2 == 0 and cfg.n_kv_heads % 2 == 0 else 1
+    model = Llama.from_pretrained(to_meta_folder(llama_dir, tmp_path / "meta", n))
+    assert model.cfg == cfg
+    idx = random_ids(cfg, 2, 13)
+    assert_close(model(idx), ours(idx), "Meta-format logits")
+    for (k, a), b in zip(model.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), k  # the permutation round-trips exactly
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+@pytest.mark.parametrize("variant", ["vicuna0", "llama2"])
+def test_tokenizer_matches_reference(ref_dir, ref_config, llama_dir, variant):
+    tok = Tokenizer(llama_dir)
+    ref = load_reference(ref_dir, variant)[1]
+    t = ref["tokenizer"]
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.n_words) == (t["bos_token_id"], t["eos_token_id"],
+                                                                  t["unk_token_id"], t["vocab_size"])
+    for text, ids in t["encode_no_special"].items():
+        assert tok.encode(text) == ids, text
+    for text, ids in t["encode_with_bos"].items():
+        assert tok.encode(text, bos=True) == ids, text
+    for cap, ids in zip(ref_config["captions"], t["captions_plus_newline"]):
+        assert tok.encode(cap + "\n") == ids
+    assert tok.sp.encode(ref_config["captions"][0], out_type=str) == t["pieces_of_caption0"]
+    for chat in ref["chat"]:
+        segs = [tok.encode(s, bos=i == 0) for i, s in enumerate(chat["prompt_segments"])]
+        assert segs == [s[0] for s in chat["prompt_segment_ids"]]
+        answer = chat.get("answer_decoded", chat.get("answer_decoded_skip_special"))
+        assert tok.decode(chat["generate_output_ids"]) == answer
+    assert tok.decode(tok.encode("a red circle", bos=True, eos=True)) == "a red circle"
+
+
+def test_streaming_and_stop_strings(ours, llama_dir):
+    tok = Tokenizer(llama_dir)
+    idx = torch.tensor([tok.encode("a red circle and", bos=True)])
+    full = generate(ours, idx, max_new_tokens=20, eos_id=None, tokenizer=tok)
+    streamed = []
+    again = generate(ours, idx, max_new_tokens=20, eos_id=None, tokenizer=tok,
+                     on_text=lambda row, d: streamed.append(d))
+    assert "".join(streamed) == again.texts[0] == full.texts[0] == tok.decode(full.ids[0])
+    text = full.texts[0]
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # a string from the middle of the answer
+    streamed = []
+    cut = generate(ours, idx, max_new_tokens=20, eos_id=None, tokenizer=tok, stop=[stop],
+                   on_text=lambda row, d: streamed.append(d))
+    assert cut.texts[0] == text[:text.find(stop)] == "".join(streamed)
+    assert cut.ids.shape[1] < 20 and cut.ids[0].tolist() == full.ids[0, :cut.ids.shape[1]].tolist()
+    ids_stop = full.ids[0, 5:7].tolist()  # a token-id stop sequence
+    out = generate(ours, idx, max_new_tokens=20, eos_id=None, stop=[ids_stop])
+    assert out.ids[0].tolist() == full.ids[0, :7].tolist()
+
+
+def test_sampling_processors_match_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 3
+    input_ids = torch.randint(0, 50, (3, 7), generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, input_ids, True)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(input_ids, logits)
+    for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+        ref = proc(input_ids, ref)
+    ours = process_logits(logits, seen, 1.3, do_sample=True, temperature=0.7, top_k=10, top_p=0.8)
+    assert torch.equal(ours.isinf(), ref.isinf())
+    assert_close(ours.masked_fill(ours.isinf(), 0), ref.masked_fill(ref.isinf(), 0), "processed scores")
+    out = generate(Llama(LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=60, hidden_dim=64)),
+                   torch.tensor([[1, 5, 6]]), max_new_tokens=5, do_sample=True, top_k=3, eos_id=None,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.ids.shape == (1, 5)
+
+
+# ------------------------------------------------------------------------------------------ configs, errors
+def test_published_parameter_counts():
+    for name, count in [("llama-7b", 6_738_415_616), ("vicuna-7b", 6_738_415_616),
+                        ("llama2-7b", 6_738_415_616), ("vicuna-13b", 13_015_864_320)]:
+        with torch.device("meta"):
+            model = Llama(LlamaConfig.from_name(name))
+        assert sum(p.numel() for p in model.parameters()) == count, name
+
+
+def test_bad_inputs(llama_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="model folder not found"):
+        Llama.from_pretrained(tmp_path / "nope")
+    folder = copy_without(llama_dir, tmp_path, "pytorch_model.bin")
+    index = {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors",
+                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors listed in .* is missing"):
+        Llama.from_pretrained(folder)
+    shutil.rmtree(folder)
+
+    from safetensors.torch import load_file, save_file
+    sd = load_file(llama_dir / "model.safetensors")
+    cases = {"truncated": None, "garbage": None,
+             "unexpected": dict(sd, **{"model.extra.weight": torch.zeros(2)}),
+             "shape": dict(sd, **{"model.norm.weight": torch.zeros(3)}),
+             "missing": {k: v for k, v in sd.items() if k != "model.norm.weight"}}
+    messages = {"truncated": "not a readable safetensors file", "garbage": "not a readable safetensors file",
+                "unexpected": "unexpected key in checkpoint: model.extra.weight",
+                "shape": r"shape mismatch for model.norm.weight", "missing": "missing 1 key.*model.norm.weight"}
+    for case, state in cases.items():
+        folder = copy_without(llama_dir, tmp_path / case, "pytorch_model.bin")
+        st = folder / "model.safetensors"
+        if case == "truncated":
+            st.write_bytes(st.read_bytes()[:5000])
+        elif case == "garbage":
+            st.write_bytes(b"this is not a checkpoint" * 10)
+        else:
+            save_file(state, st)
+        with pytest.raises(CheckpointError, match=messages[case]):
+            Llama.from_pretrained(folder)
+    bad = tmp_path / "tokenizer.model"
+    bad.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match="not a sentencepiece model"):
+        Tokenizer(bad)
