@@ -72,3 +72,97 @@ def test_vision_from_png(ref_dir, ref_config):
 # ---------------------------------------------------------------------------------------------------------
 # 2. end to end: appended by the model.py owner
 # ---------------------------------------------------------------------------------------------------------
+# MiniGPT4.from_pretrained on each fixture folder, both variants: image embeddings, the training batches
+# (inputs_embeds, attention_mask, labels, loss, target logits, token NLL) and the chat (prompt ids, context,
+# logits, greedy scores, output ids, answer text) with and without the recorded repetition penalty.
+import functools  # noqa: E402
+
+from model import MiniGPT4  # noqa: E402
+
+VARIANTS = {"vicuna0": "vicuna-7b", "llama2": "llama2-7b"}
+
+
+@functools.lru_cache(maxsize=None)
+def e2e_model(ref_dir, variant):
+    return MiniGPT4.from_pretrained(ref_dir, VARIANTS[variant])
+
+
+@pytest.fixture(params=list(VARIANTS))
+def e2e(request, ref_dir):
+    ref, js = load_reference(ref_dir, request.param)
+    return e2e_model(ref_dir, request.param), ref, js
+
+
+def test_e2e_img_embeds(e2e, ref_dir):
+    from data import preprocess
+    model, ref, js = e2e
+    pixels = torch.stack([preprocess(ref_dir / c["image"]) for c in js["chat"]])
+    emb, atts = model.encode_img(pixels)
+    assert_close(emb, ref["img_embeds"], "img_embeds")
+    assert atts.shape == emb.shape[:2] and bool((atts == 1).all())
+    if "llama_proj.in" in ref:  # llama2: the grouped patch tokens, (B, N/4, 4W)
+        captured = {}
+        h = model.llama_proj.register_forward_hook(lambda mod, inp, out: captured.update(x=inp[0]))
+        model.encode_img(pixels)
+        h.remove()
+        assert_close(captured["x"], ref["llama_proj.in"], "llama_proj.in")
+    for i, c in enumerate(js["chat"]):  # encoded alone, as Chat.upload_img does
+        assert_close(model.encode_img(pixels[i:i + 1])[0], ref[f"chat{i}.img_embeds"], f"chat{i}.img_embeds")
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_e2e_training_batch(e2e, ref_config, stage):
+    model, ref, js = e2e
+    s = js[stage]
+    prompts = None
+    if s["prompt"] is not None:
+        prompts = ref_config["stage2_instruction"]
+        assert model.cfg.prompt_template.format(prompts) == s["prompt"]
+    assert (s["end_sym"], s["max_txt_len"]) == (model.cfg.end_sym[prompts is not None],
+                                                model.cfg.max_txt_len[prompts is not None])
+    emb, mask, labels = model.build_inputs(ref["img_embeds"], js["captions"], prompts)
+    assert_close(emb, ref[f"{stage}.inputs_embeds"], f"{stage}.inputs_embeds")
+    assert mask.tolist() == ref[f"{stage}.attention_mask"].tolist() == s["attention_mask"]
+    assert labels.tolist() == ref[f"{stage}.labels"].tolist() == s["labels"]
+    loss, logits = model.lm_loss(emb, mask, labels)
+    assert_close(loss, ref[f"{stage}.loss"], f"{stage}.loss")
+    idx = ref[f"{stage}.target_index"]
+    assert_close(logits[idx[:, 0], idx[:, 1]], ref[f"{stage}.target_logits"], f"{stage}.target_logits")
+    nll = F.cross_entropy(logits[idx[:, 0], idx[:, 1]], labels[idx[:, 0], idx[:, 1] + 1], reduction="none")
+    assert_close(nll, ref[f"{stage}.token_nll"], f"{stage}.token_nll")
+
+
+def test_e2e_forward_from_pixels(e2e, ref_dir, ref_config):
+    model, ref, js = e2e
+    pixels = load_reference(ref_dir, "vicuna0")[0]["pixel_values"]  # shared by both variants
+    loss = model(pixels, js["captions"], ref_config["stage2_instruction"])
+    assert_close(loss, ref["stage2.loss"], "forward loss")
+
+
+def test_e2e_chat(e2e, ref_dir):
+    from data import preprocess
+    from sample import Chat
+    model, ref, js = e2e
+    for i, c in enumerate(js["chat"]):
+        segs = c["prompt"].split("<ImageHere>")
+        assert segs == c["prompt_segments"]
+        assert [[ids] for ids in model.tokenize_segments(c["prompt"])] == c["prompt_segment_ids"]
+        ctx = model.splice(c["prompt"], [ref[f"chat{i}.img_embeds"][0]])
+        assert_close(ctx, ref[f"chat{i}.context_embeds"], f"chat{i}.context_embeds")
+        assert ctx.shape[1] == c["embeds_len"]
+        assert_close(model.llama_model(embeds=ctx), ref[f"chat{i}.logits"], f"chat{i}.logits")
+        kw = c["generate_kwargs"]
+        assert kw["repetition_penalty"] == model.cfg.repetition_penalty  # the variant's default
+        g = model.generate(ctx, max_new_tokens=kw["max_new_tokens"], do_sample=False, stop=(), return_scores=True)
+        assert [1] + g.ids[0].tolist() == c["generate_output_ids"] == ref[f"chat{i}.output_ids"].tolist()
+        assert_close(g.scores[:, 0], ref[f"chat{i}.gen_scores"], f"chat{i}.gen_scores")
+        assert model.clean_answer(g.ids[0]) == c["answer_text"]
+        g1 = model.generate(ctx, max_new_tokens=kw["max_new_tokens"], do_sample=False, stop=(), repetition_penalty=1.0)
+        expect = c.get("generate_output_ids_repetition_penalty_1", c["generate_output_ids"])
+        assert [1] + g1.ids[0].tolist() == expect
+        # the same through Chat, from the PNG (the image is encoded alone, the context spliced as the original)
+        chat = Chat(model, max_new_tokens=kw["max_new_tokens"], do_sample=False, stop=())
+        chat.upload_img(preprocess(ref_dir / c["image"]))
+        chat.ask(js["question"])
+        assert chat.answer() == c["answer_text"]
+        assert_close(chat.context_embeds()[:, :c["embeds_len"]], ref[f"chat{i}.context_embeds"], "Chat context")

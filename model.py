@@ -1,0 +1,443 @@
+"""
+MiniGPT-4: a frozen EVA ViT-G + BLIP-2 Q-Former looks at the image, one trained Linear (`llama_proj`) maps
+its 32 query outputs into the word-embedding space of a frozen LLM (Vicuna v0), which then reads
+[bos][prompt before <ImageHere>][32 image embeddings][prompt after][text]. The Llama-2 variant has no
+Q-Former: it drops the CLS token and feeds groups of 4 consecutive patch tokens (256 -> 64 embeddings).
+
+Attribute names follow the original (`visual_encoder`, `ln_vision`, `Qformer`, `llama_proj`, `llama_model`),
+so a projection checkpoint {"model": {"llama_proj.weight", "llama_proj.bias"}} loads in both codebases.
+Also here: the training loss built exactly as the original, generation (greedy / sampling via llama.py,
+beam search here). The multi-turn `Chat` that keeps the KV cache across turns lives in sample.py.
+"""
+import glob
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, read_checkpoint, unwrap
+from llama import Generation, Llama, LlamaConfig, Tokenizer, generate, process_logits
+from qformer import QFormer, QFormerConfig
+from vit import ViTConfig, VisionTransformer
+
+IMAGE = "<ImageHere>"
+SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+          "provide it to you. Please answer my questions.")
+
+
+@dataclass
+class ChatTemplate:  # conversation.py: prompt = system + sep + (role + message + sep)* + open
+    system: str = SYSTEM
+    sep: str = "###"
+    user: str = "Human: "
+    assistant: str = "Assistant: "
+    open: str = "Assistant:"  # the last, empty assistant message (vicuna0: "Assistant:", no space)
+
+
+TEMPLATES = {"vicuna0": ChatTemplate(),
+             "llama2": ChatTemplate(sep="", user="<s>[INST] ", assistant=" [/INST] ", open=" [/INST] ")}
+
+
+@dataclass
+class MiniGPT4Config:
+    variant: str = "vicuna0"  # "vicuna0": ViT -> Q-Former -> proj; "llama2": ViT -> 4 tokens grouped -> proj
+    llm: str = "vicuna-7b"  # LlamaConfig preset (real shapes come from the LLM folder)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    qformer: Optional[QFormerConfig] = field(default_factory=QFormerConfig)
+    llm_dim: int = 4096
+    group: int = 4  # llama2: consecutive patch tokens per image embedding
+    ln_vision_eps: float = 1e-5
+    prompt_template: str = "###Human: {} ###Assistant: "  # stage 2 (instruction tuning)
+    end_sym: tuple = ("\n", "###")  # appended to the target text in stage 1 (no prompt) / stage 2
+    max_txt_len: tuple = (32, 160)  # target text + end_sym is cut to this many tokens (stage 1 / 2)
+    pad_piece: Optional[str] = None  # None: pad with eos (vicuna0); llama2 pads with the "$$" piece
+    repetition_penalty: float = 1.0  # the demo's default (1.05 in the Llama-2 refactor)
+    max_context: int = 2000  # chat: tokens of history + new tokens before old turns are dropped
+    stop: tuple = ("###",)  # chat: stop strings (the original's ids [835] / [2277, 29937] are "###")
+
+    @classmethod
+    def from_name(cls, name):
+        if name not in PRESETS:
+            raise ValueError(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+PRESETS = {
+    "vicuna-7b": dict(),
+    "vicuna-13b": dict(llm="vicuna-13b", llm_dim=5120),
+    "llama2-7b": dict(variant="llama2", llm="llama2-7b", qformer=None, prompt_template="[INST] {} [/INST] ",
+                      end_sym=("\n", "</s>"), pad_piece="$$", repetition_penalty=1.05),
+}
+ALIASES = {"llama2": "llama2-7b", "vicuna": "vicuna-13b", "vicuna7b": "vicuna-7b", "vicuna13b": "vicuna-13b"}
+SIZES = {4096: "7B", 5120: "13B", 6656: "33B", 8192: "65B/70B"}
+
+# --------------------------------------------------------------------------------------- weights on disk
+URLS = {
+    "vit": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth",
+    "qformer": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
+               "blip2_pretrained_flant5xxl.pth",
+    "vicuna-7b": "https://huggingface.co/Vision-CAIR/vicuna-7b",
+    "vicuna-13b": "https://huggingface.co/Vision-CAIR/vicuna",
+    "llama2-7b": "https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (gated: accept the license first)",
+    "proj": "the Google Drive links in the original README (github.com/Vision-CAIR/MiniGPT-4)",
+}
+FILES = {  # what a weights folder may hold, first match wins (the original release names, then ours)
+    "vit": ["eva_vit_g.pth"],
+    "qformer": ["blip2_pretrained_flant5xxl.pth", "blip2_pretrained.pth"],
+    "proj": {"vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth",
+                           "pretrained_minigpt4.pth"],
+             "vicuna-13b": ["pretrained_minigpt4.pth", "pretrained_minigpt4_13b.pth", "minigpt4_proj.pth"],
+             "llama2-7b": ["pretrained_minigpt4_llama2_7b.pth", "minigpt4_llama2_proj.pth"]},
+    "llm": {"vicuna-7b": ["vicuna-7b", "vicuna_7b", "vicuna", "llama"],
+            "vicuna-13b": ["vicuna-13b", "vicuna_13b", "vicuna", "llama"],
+            "llama2-7b": ["Llama-2-7b-chat-hf", "llama-2-7b-chat-hf", "llama2-7b", "llama2", "llama"]},
+}
+
+
+class MissingWeights(CheckpointError):
+    """Some weight files are missing; the message lists each one and where to get it."""
+
+
+def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
+    """Paths of the four weight parts: per-file overrides, else the first known name in `folder`."""
+    given, paths, missing = dict(vit=vit, qformer=qformer, llm=llm, proj=proj), {}, []
+    for part, override in given.items():
+        names = FILES[part] if isinstance(FILES[part], list) else FILES[part][preset]
+        found = [os.path.join(folder, n) for n in names if folder and os.path.exists(os.path.join(folder, n))]
+        if part == "llm" and folder and not found:  # any subfolder that looks like an HF / Meta LLM folder
+            found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(folder, "*", "*.json"))
+                           if os.path.basename(p) in ("config.json", "params.json"))
+        path = override or (found[0] if found else None)
+        if path is None or not os.path.exists(path):
+            where = URLS[preset] if part == "llm" else URLS[part]
+            what = path or (f"{folder}/" if folder else "") + " or ".join(names[:2] if part != "llm" else names[:1])
+            missing.append(f"  {part}: {what}{'/' if part == 'llm' and not path else ''}  <- {where}")
+        paths[part] = path
+    if missing:
+        raise MissingWeights("missing weights:\n" + "\n".join(missing))
+    return paths
+
+
+def folder_configs(folder):
+    """(ViTConfig, QFormerConfig, ln_vision eps) from a fixture folder's config.json `dims`, else None."""
+    path = os.path.join(folder or "", "config.json")
+    dims = json.load(open(path)).get("dims") if folder and os.path.isfile(path) else None
+    if not dims:
+        return None, None, None
+    v, q = dims["vit"], dims["qformer"]
+    vit = ViTConfig(img_size=v["img_size"], patch_size=v["patch_size"], width=v["embed_dim"], depth=v["depth"],
+                    n_heads=v["num_heads"], mlp_hidden=v["mlp_hidden"], norm_eps=v["norm_eps"])
+    qf = QFormerConfig(hidden_size=q["hidden_size"], n_layers=q["num_hidden_layers"],
+                       n_heads=q["num_attention_heads"], intermediate_size=q["intermediate_size"],
+                       norm_eps=q["layer_norm_eps"], encoder_width=q["encoder_width"],
+                       n_queries=q["num_query_token"], cross_attention_freq=q["cross_attention_freq"],
+                       cross_attention_layers=tuple(q["cross_attention_layers"]))
+    return vit, qf, dims.get("ln_vision", {}).get("eps", 1e-5)
+
+
+def size_name(width):
+    return f"{width} ({SIZES[width]})" if width in SIZES else str(width)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class MiniGPT4(nn.Module):
+    def __init__(self, cfg: MiniGPT4Config, visual_encoder=None, Qformer=None, llama_model=None, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.visual_encoder = VisionTransformer(cfg.vit) if visual_encoder is None else visual_encoder
+        self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)  # llama2: weight 1, bias 0
+        if cfg.variant == "vicuna0":
+            self.Qformer = QFormer(cfg.qformer) if Qformer is None else Qformer
+            in_dim = self.Qformer.config.hidden_size
+        else:
+            self.Qformer = None
+            in_dim = cfg.vit.width * cfg.group
+        self.llama_model = Llama(LlamaConfig.from_name(cfg.llm)) if llama_model is None else llama_model
+        self.llama_proj = nn.Linear(in_dim, self.llama_model.cfg.dim)  # the only trained parameters
+        self.tokenizer = tokenizer
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("llama_proj."))
+        self.eval()
+
+    @property
+    def query_tokens(self):
+        return None if self.Qformer is None else self.Qformer.query_tokens
+
+    @classmethod
+    def from_pretrained(cls, weights=None, model="vicuna-7b", vit=None, qformer=None, llm=None, proj=None,
+                        dtype=torch.float32, device="cpu", cfg=None):
+        """Load from a weights folder laid out like the original release (or a fixture folder), with
+        per-file overrides. Dimensions come from the files (and a folder's config.json `dims`)."""
+        preset = ALIASES.get(model, model)
+        cfg = cfg or MiniGPT4Config.from_name(preset)
+        paths = find_weights(weights, preset, vit, qformer, llm, proj)
+        vit_cfg, qf_cfg, ln_eps = folder_configs(weights)
+        if not os.path.isfile(os.path.join(paths["llm"], "tokenizer.model")):
+            raise MissingWeights(f"missing weights:\n  tokenizer: {paths['llm']}/tokenizer.model  <- {URLS[preset]}")
+        tokenizer = Tokenizer(paths["llm"])
+        llama = Llama.from_pretrained(paths["llm"], dtype=dtype, device=device)
+        visual = VisionTransformer.from_pretrained(paths["vit"], vit_cfg, dtype=dtype, device=device)
+        cfg = replace(cfg, vit=visual.config, llm_dim=llama.cfg.dim, ln_vision_eps=ln_eps or cfg.ln_vision_eps)
+        qf, ln_state = None, None
+        if cfg.variant == "vicuna0":
+            qf, ln_state = QFormer.from_pretrained(paths["qformer"], qf_cfg, dtype=dtype, device=device)
+            cfg = replace(cfg, qformer=qf.config)
+        with torch.device(device):
+            m = cls(cfg, visual, qf, llama, tokenizer)
+        m.ln_vision.float()
+        if ln_state is not None:  # llama2: not loaded from anything (the original never does)
+            m.ln_vision.load_state_dict(ln_state)
+        m.load_projection(paths["proj"])
+        return m.eval()
+
+    # -------------------------------------------------------------------------------- the trained part
+    def trainable_state_dict(self):
+        """What training saves: {"llama_proj.weight", "llama_proj.bias"} in fp32 (the original's layout)."""
+        return {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()
+                if k.startswith("llama_proj.")}
+
+    def save_projection(self, path, **extra):
+        """{"model": trainable_state_dict(), **extra} (train.py adds optimizer, epoch, ...): loads in the original."""
+        torch.save({"model": self.trainable_state_dict(), **extra}, path)
+
+    def load_projection(self, path):
+        sd = unwrap(read_checkpoint(path), path)
+        expected = {"llama_proj.weight", "llama_proj.bias"}
+        if set(sd) != expected:
+            raise CheckpointError(f"{path}: expected exactly the keys {sorted(expected)} (a MiniGPT-4 projection "
+                                  f"checkpoint), found {sorted(sd)[:6]}")
+        w, b = sd["llama_proj.weight"], sd["llama_proj.bias"]
+        out_dim, in_dim = self.llama_proj.weight.shape
+        if w.dim() != 2 or w.shape[0] != out_dim or tuple(b.shape) != (w.shape[0],):
+            raise CheckpointError(f"{path}: projection outputs {size_name(w.shape[0])} but the LLM is "
+                                  f"{size_name(out_dim)} wide: use the projection trained for this LLM")
+        if w.shape[1] != in_dim:
+            hint = ("a Vicuna (Q-Former) projection" if self.Qformer is None
+                    else "a Llama-2 (4 grouped ViT tokens) projection")
+            raise CheckpointError(f"{path}: projection takes {w.shape[1]}-wide inputs ({hint}?) but "
+                                  f"the {self.cfg.variant} variant feeds it {in_dim}")
+        with torch.no_grad():
+            self.llama_proj.weight.copy_(w)
+            self.llama_proj.bias.copy_(b)
+
+    # ---------------------------------------------------------------------------------------- image side
+    def encode_img(self, pixels):
+        """pixels (B, 3, H, W) -> img_embeds (B, nq, D) in the LLM dtype, atts (B, nq) ones."""
+        frozen = not any(p.requires_grad for p in self.visual_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            x = self.visual_encoder(pixels)  # (B, 1 + N, W)
+            x = F.layer_norm(x.float(), x.shape[-1:], self.ln_vision.weight.float(), self.ln_vision.bias.float(),
+                             self.ln_vision.eps).to(x.dtype)  # ln_vision in fp32, cast back
+            if self.Qformer is not None:
+                x = self.Qformer(x)  # (B, nq, H)
+            else:
+                B, N, W = x[:, 1:].shape  # drop CLS; 4 consecutive patch tokens -> one (row-major)
+                x = x[:, 1:].reshape(B, N // self.cfg.group, W * self.cfg.group)  # (B, N/4, 4W)
+        x = self.llama_proj(x.to(self.llama_proj.weight.dtype))  # (B, nq, D)
+        emb = x.to(self.llama_model.lm_head.weight.dtype)
+        return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+
+    # -------------------------------------------------------------------------------------- text side
+    @property
+    def pad_id(self):
+        tok = self.tokenizer
+        return tok.eos_id if self.cfg.pad_piece is None else tok.sp.piece_to_id(self.cfg.pad_piece)
+
+    def embed(self, ids):  # list of ids -> (1, T, D)
+        dev = self.llama_model.lm_head.weight.device
+        return self.llama_model.embed(torch.tensor([ids], dtype=torch.long, device=dev))
+
+    def tokenize_segments(self, text, bos=True):
+        """Split at <ImageHere>; encode each piece on its own, bos on the first only (Chat.get_context_emb)."""
+        return [self.tokenizer.encode(seg, bos=bos and i == 0) for i, seg in enumerate(text.split(IMAGE))]
+
+    def splice(self, text, images, bos=True):
+        """Prompt text with one <ImageHere> per image (each (nq, D)) -> embeds (1, L, D)."""
+        segs = self.tokenize_segments(text, bos)
+        if len(segs) != len(images) + 1:
+            raise ValueError(f"the prompt has {len(segs) - 1} {IMAGE} placeholder(s) for {len(images)} image(s)")
+        parts = [self.embed(segs[0])]
+        for img, ids in zip(images, segs[1:]):
+            parts += [img[None], self.embed(ids)]
+        return torch.cat(parts, dim=1)
+
+    def build_inputs(self, img_embeds, texts, prompts=None, end_sym=None, max_txt_len=None):
+        """The original's training batch: [bos][template(prompt) with image][text + end_sym][pad], right-padded.
+        -> inputs_embeds (B, T, D), attention_mask (B, T), labels (B, T) (-100 on bos/prompt/image/pad and
+        on text ids equal to the pad id: vicuna0 pads with eos, so its eos targets are masked too)."""
+        B, stage = img_embeds.shape[0], 0 if prompts is None else 1
+        if isinstance(prompts, str):
+            prompts = [prompts] * B
+        if prompts is not None and len(prompts) != B:
+            raise ValueError(f"{len(prompts)} prompts for {B} images")
+        if len(texts) != B:
+            raise ValueError(f"{len(texts)} texts for {B} images")
+        end_sym = self.cfg.end_sym[stage] if end_sym is None else end_sym
+        max_txt_len = self.cfg.max_txt_len[stage] if max_txt_len is None else max_txt_len
+        bos, pad = self.tokenizer.bos_id, self.pad_id
+        rows = []
+        for b in range(B):
+            cond = img_embeds[b][None]  # (1, nq, D)
+            if prompts is not None:
+                prompt = self.cfg.prompt_template.format(prompts[b])
+                if prompt.count(IMAGE) != 1:
+                    raise ValueError(f"prompt {prompts[b]!r} must hold exactly one {IMAGE}")
+                cond = self.splice(prompt, [img_embeds[b]], bos=False)
+            ids = self.tokenizer.encode(texts[b] + end_sym)[:max_txt_len]  # truncated before padding
+            rows.append((cond, ids))
+        T = 1 + max(c.shape[1] for c, _ in rows) + max(len(i) for _, i in rows)
+        emb = self.embed([pad] * T).expand(B, T, -1).clone()  # pad embeddings everywhere, then fill
+        mask = torch.zeros(B, T, dtype=torch.long, device=emb.device)
+        labels = torch.full((B, T), -100, dtype=torch.long, device=emb.device)
+        for b, (cond, ids) in enumerate(rows):
+            n, P = len(ids), 1 + cond.shape[1]
+            emb[b, :P + n] = torch.cat([self.embed([bos]), cond, self.embed(ids)], dim=1)[0]
+            mask[b, :P + n] = 1
+            labels[b, P:P + n] = torch.tensor([i if i != pad else -100 for i in ids], dtype=torch.long)
+        return emb, mask, labels
+
+    def lm_loss(self, inputs_embeds, attention_mask, labels):
+        """-> (mean cross-entropy over the target tokens, logits (B, T, V) fp32), HF's shift by one."""
+        logits = self.llama_model(embeds=inputs_embeds, mask=attention_mask)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return loss, logits
+
+    def forward(self, pixels, texts, prompts=None, end_sym=None, max_txt_len=None):
+        """Training loss. Stage 1: prompts=None. Stage 2: one instruction (with <ImageHere>) for the batch
+        or one per sample; the model applies its template. -> scalar loss."""
+        img_embeds, _ = self.encode_img(pixels)
+        return self.lm_loss(*self.build_inputs(img_embeds, texts, prompts, end_sym, max_txt_len))[0]
+
+    # ---------------------------------------------------------------------------------------- generation
+    def generate(self, embeds, mask=None, cache=None, max_new_tokens=300, num_beams=1, do_sample=True,
+                 temperature=1.0, top_p=0.9, repetition_penalty=None, length_penalty=1.0, stop=None,
+                 on_text=None, generator=None, return_scores=False, original=True):
+        """Decode from embeds (B, T, D) right-padded by mask. original=True mimics transformers 4.28/4.30
+        given only inputs_embeds: input_ids start at [bos], so bos is repetition-penalised and counts in the
+        beam length. -> llama.Generation (ids of the new tokens; texts cut at the first stop string)."""
+        B, dev = embeds.shape[0], embeds.device
+        rp = self.cfg.repetition_penalty if repetition_penalty is None else repetition_penalty
+        start = torch.full((B, 1), self.tokenizer.bos_id, device=dev) if original else None
+        stop = self.cfg.stop if stop is None else stop
+        if num_beams > 1:
+            return beam_search(self.llama_model, embeds, mask, num_beams, max_new_tokens, rp, length_penalty,
+                               start, self.tokenizer, stop, do_sample, temperature, top_p, generator)
+        return generate(self.llama_model, embeds=embeds, mask=mask, max_new_tokens=max_new_tokens,
+                        do_sample=do_sample, temperature=temperature, top_p=top_p, repetition_penalty=rp,
+                        penalty_ids=start, eos_id=self.tokenizer.eos_id, pad_id=self.pad_id, stop=stop,
+                        tokenizer=self.tokenizer, on_text=on_text, cache=cache, return_scores=return_scores,
+                        generator=generator)
+
+    def clean_answer(self, ids):
+        """Chat.answer's clean-up: drop a leading unk/bos, decode, cut at '###', after 'Assistant:', strip."""
+        ids = [i for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        if ids and ids[0] == self.tokenizer.unk_id:
+            ids = ids[1:]
+        if ids and ids[0] == self.tokenizer.bos_id:
+            ids = ids[1:]
+        text = self.tokenizer.decode(ids)
+        for s in self.cfg.stop:
+            text = text.split(s)[0]
+        return text.split("Assistant:")[-1].strip()
+
+    @torch.no_grad()
+    def answer(self, img_embeds, questions, **opts):
+        """One-shot, batched: image b (nq, D) + questions[b] -> list of answers (each row stops on its own)."""
+        t = TEMPLATES[self.cfg.variant]
+        rows = [self.splice(t.system + t.sep + t.user + f"<Img>{IMAGE}</Img> {q}" + t.sep + t.open, [img])[0]
+                for img, q in zip(img_embeds, questions)]
+        T = max(r.shape[0] for r in rows)
+        emb = rows[0].new_zeros(len(rows), T, rows[0].shape[1])
+        mask = torch.zeros(len(rows), T, dtype=torch.bool, device=emb.device)
+        for b, r in enumerate(rows):
+            emb[b, :len(r)], mask[b, :len(r)] = r, True
+        gen = self.generate(emb, mask, **opts)
+        return [self.clean_answer(gen.ids[b, :gen.lengths[b]]) for b in range(len(rows))]
+
+
+# ----------------------------------------------------------------------------------------------- beam search
+@torch.no_grad()
+def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty=1.0, length_penalty=1.0,
+                start_ids=None, tokenizer=None, stop=(), do_sample=False, temperature=1.0, top_p=None,
+                generator=None, eos_id=None):
+    """HF beam search (early_stopping=False) on embeds (B, T, D): each step keeps the 2K best continuations;
+    those ending in eos (or a stop string) among the top K become finished hypotheses scored
+    sum_logprobs / len**length_penalty (len counts `start_ids`, as transformers 4.28 counted its [bos]).
+    Returns a Generation holding each row's best hypothesis (new tokens, eos included)."""
+    B, T, D = embeds.shape
+    K, dev = num_beams, embeds.device
+    eos = tokenizer.eos_id if eos_id is None else eos_id
+    mask = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.bool()
+    x, m = embeds.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, T, D)
+    cache = llm.new_cache(B * K, T + max_new_tokens)
+    V = llm.cfg.vocab_size
+    seen = torch.zeros(B * K, V, dtype=torch.bool, device=dev)
+    n_start = 0
+    if start_ids is not None:
+        seen.scatter_(1, start_ids.to(dev).repeat_interleave(K, 0), True)
+        n_start = start_ids.shape[1]
+    logits = llm(embeds=x, mask=m, cache=cache)[torch.arange(B * K, device=dev), m.long().sum(-1) - 1]
+    seqs = torch.zeros(B, K, 0, dtype=torch.long, device=dev)
+    run_scores = torch.zeros(B, K, device=dev)
+    run_scores[:, 1:] = -1e9  # only beam 0 expands at the first step
+    done = [[] for _ in range(B)]  # finished (score, ids) per row, at most K kept
+    open_rows = torch.ones(B, dtype=torch.bool)
+    str_stops = [s for s in (stop or ()) if isinstance(s, str)]
+    for t in range(max_new_tokens):
+        logp = process_logits(F.log_softmax(logits, -1), seen, repetition_penalty, do_sample, temperature,
+                              None, top_p)
+        total = (logp.view(B, K, V) + run_scores[..., None]).view(B, K * V)
+        if do_sample:
+            idx = torch.multinomial(total.softmax(-1), 2 * K, generator=generator)
+            top, order = total.gather(1, idx).sort(-1, descending=True)
+            idx = idx.gather(1, order)
+        else:
+            top, idx = total.topk(2 * K, dim=-1)  # (B, 2K)
+        beam, tok = idx // V, idx % V
+        cand = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], -1)  # (B, 2K, t+1)
+        length = (t + 1 + n_start) ** length_penalty
+        last = t == max_new_tokens - 1
+        new_beam, new_seq, new_score = [], [], []
+        for b in range(B):
+            keep = []
+            for j in range(2 * K):
+                ids = cand[b, j].tolist()
+                fin = last or ids[-1] == eos or (str_stops and any(s in tokenizer.decode(ids) for s in str_stops))
+                if fin:
+                    if j < K and open_rows[b]:
+                        done[b].append((top[b, j].item() / length, ids))
+                        done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
+                elif len(keep) < K:
+                    keep.append(j)
+            n_ok = len(keep)  # (rarely) fewer than K unfinished: fill with dead beams
+            keep += [j for j in range(2 * K) if j not in keep][:K - n_ok]
+            score = top[b, keep].clone()
+            score[n_ok:] = -1e9
+            new_beam.append(beam[b, keep]), new_seq.append(cand[b, keep]), new_score.append(score)
+            if len(done[b]) == K and open_rows[b]:  # can the best running beam still beat the worst finished?
+                best_running = top[b, keep[0]].item() / (t + 1 + n_start) ** length_penalty
+                open_rows[b] = best_running > done[b][-1][0]
+        if last or not open_rows.any():
+            break
+        beam_idx = torch.stack(new_beam)  # (B, K) beam each new running beam came from
+        seqs, run_scores = torch.stack(new_seq), torch.stack(new_score)
+        flat = (beam_idx + torch.arange(B, device=dev)[:, None] * K).view(-1)
+        cache.reorder(flat)
+        seen = seen.index_select(0, flat)
+        seen.scatter_(1, seqs[..., -1].reshape(-1, 1), True)
+        logits = llm(idx=seqs[..., -1].reshape(-1, 1), cache=cache)[:, -1]
+    best = [max(h, key=lambda h: h[0])[1] for h in done]
+    n = max(len(s) for s in best)
+    ids = torch.full((B, n), eos, dtype=torch.long, device=dev)
+    for b, s in enumerate(best):
+        ids[b, :len(s)] = torch.tensor(s)
+    texts = None
+    if tokenizer is not None:
+        texts = [tokenizer.decode(s) for s in best]
+        texts = [min((t.split(s)[0] for s in str_stops), key=len, default=t) for t in texts]
+    return Generation(ids, torch.tensor([len(s) for s in best], device=dev), cache, None, texts)
+

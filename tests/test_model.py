@@ -1,0 +1,181 @@
+"""model.py (and sample.Chat): KV-cached chat == re-reading the history, batching == one by one, beam search
+== transformers, clear errors for mismatched projections / missing files, the checkpoint layout, gradients."""
+import functools
+
+import pytest
+import torch
+from conftest import assert_close, load_reference
+
+from checkpoint import CheckpointError
+from model import MiniGPT4, MissingWeights, beam_search, find_weights
+from sample import Chat
+
+
+@functools.lru_cache(maxsize=None)
+def load(ref_dir, name="vicuna-7b"):
+    return MiniGPT4.from_pretrained(ref_dir, name)
+
+
+@pytest.fixture(params=["vicuna-7b", "llama2-7b"])
+def model(request, ref_dir):
+    return load(ref_dir, request.param)
+
+
+def greedy(**kw):
+    return dict(do_sample=False, stop=(), repetition_penalty=1.0, **kw)
+
+
+def full_history_logits(chat):
+    """Logits that predicted the last answer, by one forward over the whole history re-embedded."""
+    ids = chat.messages[-1]["ids"]
+    chat.messages[-1]["ids"] = None
+    prefix = chat.context_embeds()  # everything up to the assistant's opening
+    chat.messages[-1]["ids"] = ids
+    full = torch.cat([prefix, chat.model.embed(ids)], dim=1)
+    return chat.model.llama_model(embeds=full)[0, prefix.shape[1] - 1:-1], full.shape[1]
+
+
+def test_chat_kv_cache_equals_full_history(model, ref_dir):
+    ref, _ = load_reference(ref_dir, model.cfg.variant)
+    chat = Chat(model, **greedy(max_new_tokens=6, return_scores=True))
+    fed = []
+    orig = model.generate
+    model.generate = lambda emb, **kw: fed.append(emb.shape[1]) or orig(emb, **kw)
+    try:
+        chat.upload_img(ref["chat0.img_embeds"][0])
+        for q in ["What is in this image?", "And what colour is it?", "Why?"]:
+            chat.ask(q)
+            chat.answer()
+            logits, L = full_history_logits(chat)  # the whole history re-embedded (the original's way)
+            assert_close(chat.last.scores[:, 0], logits, "kept-cache logits vs full history")
+            assert logits.argmax(-1).tolist() == chat.messages[-1]["ids"]
+    finally:
+        del model.generate
+    assert fed[1] < L // 2 and fed[2] < L // 2  # follow-ups feed only their own tokens
+    assert chat.n_fed == L - 1
+
+
+def test_chat_context_cap_drops_oldest_turns(model, ref_dir, capsys):
+    ref, _ = load_reference(ref_dir, model.cfg.variant)
+    chat = Chat(model, **greedy(max_new_tokens=6, return_scores=True))
+    chat.upload_img(ref["chat0.img_embeds"][0])
+    chat.ask("What is in this image?")
+    chat.answer()
+    first = chat.context_embeds().shape[1]
+    chat.max_context = first + 36  # room for about two more short exchanges
+    questions = ["Is it big?", "Why?", "Anything else?", "Sure?"]
+    for q in questions:
+        chat.ask(q)
+        chat.answer()
+        logits, L = full_history_logits(chat)
+        assert L <= chat.max_context
+        assert_close(chat.last.scores[:, 0], logits, "after dropping turns")
+    texts = [m["text"] for m in chat.messages if m["role"] == "user"]
+    assert texts[0].startswith("<Img><ImageHere></Img>") and texts[-1] == questions[-1]
+    assert questions[0] not in texts  # the oldest exchange without the image went first
+    assert "will not see" not in capsys.readouterr().err  # dropped whole turns, no left cut
+
+
+def test_batch_matches_each_alone(model, ref_dir):
+    ref, js = load_reference(ref_dir, model.cfg.variant)
+    img = torch.cat([ref["chat0.img_embeds"], ref["chat1.img_embeds"]])
+    questions = ["What is in this image?", "Describe the picture in a few words, please."]
+    alone = [model.answer(img[i:i + 1], [questions[i]], **greedy(max_new_tokens=10))[0] for i in range(2)]
+    assert model.answer(img, questions, **greedy(max_new_tokens=10)) == alone
+    # scores row by row, and a stop string that ends row 0 early while row 1 goes on
+    ctx = [model.splice(js["chat"][i]["prompt"].replace(js["question"], q), [img[i]])[0]
+           for i, q in enumerate(questions)]
+    solo = [model.generate(c[None], **greedy(max_new_tokens=10, return_scores=True)) for c in ctx]
+    stop = model.tokenizer.decode(solo[0].ids[0, :3].tolist())[-2:]
+    assert stop not in model.tokenizer.decode(solo[1].ids[0].tolist())
+    T = max(len(c) for c in ctx)
+    emb = torch.zeros(2, T, ctx[0].shape[1])
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    for i, c in enumerate(ctx):
+        emb[i, :len(c)], mask[i, :len(c)] = c, True
+    batch = model.generate(emb, mask, **greedy(max_new_tokens=10, return_scores=True))
+    for i in range(2):
+        assert batch.ids[i, :batch.lengths[i]].tolist() == solo[i].ids[0].tolist()
+        assert_close(batch.scores[:batch.lengths[i], i], solo[i].scores[:, 0], f"row {i}")
+    stopped = model.generate(emb, mask, **dict(greedy(max_new_tokens=10), stop=(stop,)))
+    assert stopped.lengths[0] <= 3 and stopped.lengths[1] == 10
+
+
+@pytest.mark.parametrize("case", ["plain", "eos_often", "penalties", "batch"])
+def test_beam_search_matches_transformers(ref_dir, case):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(ref_dir / "llama", dtype=torch.float32).eval()
+    m = load(ref_dir)
+    ref, js = load_reference(ref_dir, "vicuna0")
+    emb = ref["chat0.context_embeds"] if case != "batch" else torch.cat([ref["chat0.context_embeds"],
+                                                                           ref["chat1.context_embeds"]])
+    eos = m.tokenizer.eos_id
+    if case == "eos_often":  # pretend a token the beams meet early is eos: finished hypotheses, early stop
+        eos = beam_search(m.llama_model, emb, None, 3, 12, tokenizer=m.tokenizer).ids[0, 3].item()
+    kw = dict(num_beams=3, max_new_tokens=12, length_penalty=1.0, repetition_penalty=1.0)
+    if case == "eos_often":
+        kw.update(length_penalty=0.0)  # plain sums favour the short finished hypotheses
+    if case == "penalties":
+        kw.update(length_penalty=0.6, repetition_penalty=1.3)
+    with torch.no_grad():
+        out = hf.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                          do_sample=False, early_stopping=False, eos_token_id=eos, pad_token_id=0, **kw)
+    ours = beam_search(m.llama_model, emb, None, kw["num_beams"], kw["max_new_tokens"], kw["repetition_penalty"],
+                       kw["length_penalty"], tokenizer=m.tokenizer, eos_id=eos)
+    if case == "eos_often":
+        assert ours.lengths[0] < 12
+    for b in range(emb.shape[0]):
+        n = int(ours.lengths[b])
+        assert ours.ids[b, :n].tolist() == out[b, :n].tolist()
+        assert (out[b, n:] == 0).all()  # HF pads after the best hypothesis
+
+
+def test_projection_size_mismatch(ref_dir, tmp_path):
+    m = load(ref_dir)
+    D, H = m.llama_proj.weight.shape
+    bad = tmp_path / "pretrained_minigpt4.pth"
+    torch.save({"model": {"llama_proj.weight": torch.zeros(D + 16, H), "llama_proj.bias": torch.zeros(D + 16)}}, bad)
+    with pytest.raises(CheckpointError, match=f"projection outputs {D + 16}.*LLM is {D} wide"):
+        m.load_projection(bad)
+    with pytest.raises(CheckpointError, match="projection takes .*Llama-2"):
+        m.load_projection(ref_dir / "minigpt4_llama2_proj.pth")
+    with pytest.raises(CheckpointError, match="Vicuna"):
+        load(ref_dir, "llama2-7b").load_projection(ref_dir / "minigpt4_proj.pth")
+    msg = str(pytest.raises(CheckpointError, MiniGPT4.from_pretrained, ref_dir, "vicuna-7b", proj=bad).value)
+    assert "projection outputs" in msg and str(bad) in msg
+
+
+def test_missing_weights_lists_every_file(tmp_path):
+    with pytest.raises(MissingWeights) as e:
+        find_weights(tmp_path, "vicuna-13b")
+    msg = str(e.value)
+    for part in ["eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "vicuna-13b", "pretrained_minigpt4.pth",
+                 "storage.googleapis.com", "huggingface.co/Vision-CAIR/vicuna"]:
+        assert part in msg
+
+
+def test_checkpoint_layout_and_round_trip(model, ref_dir, tmp_path):
+    name = "minigpt4_proj.pth" if model.cfg.variant == "vicuna0" else "minigpt4_llama2_proj.pth"
+    original = torch.load(ref_dir / name, weights_only=True)
+    path = tmp_path / "checkpoint_4.pth"
+    model.save_projection(path, optimizer={}, epoch=4)
+    ours = torch.load(path, weights_only=True)
+    assert set(ours) == {"model", "optimizer", "epoch"}
+    assert {k: (tuple(v.shape), v.dtype) for k, v in ours["model"].items()} == \
+           {k: (tuple(v.shape), v.dtype) for k, v in original["model"].items()}
+    other = MiniGPT4.from_pretrained(ref_dir, "vicuna-7b" if model.cfg.variant == "vicuna0" else "llama2-7b",
+                                     proj=path)
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(other.trainable_state_dict()[k], v) and torch.equal(original["model"][k], v)
+
+
+def test_gradient_reaches_llama_proj_only(ref_dir):
+    m = load(ref_dir, "llama2-7b")
+    ref, js = load_reference(ref_dir, "vicuna0")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"llama_proj.weight", "llama_proj.bias"}
+    m.zero_grad(set_to_none=True)
+    m(ref["pixel_values"], js["captions"], ["<Img><ImageHere></Img> Describe it.", "<Img><ImageHere></Img> Hi"]).backward()
+    assert m.llama_proj.weight.grad.abs().sum() > 0 and m.llama_proj.bias.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in m.named_parameters() if n not in trainable)
+    m.zero_grad(set_to_none=True)

@@ -1,0 +1,90 @@
+"""sample.py: one-shot answers equal the original's (reference*.json), interactive chat through stdin, and
+bad input ends with one clear line and a non-zero exit (no traceback)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from conftest import ROOT
+
+QUESTION = "What is in this image?"
+
+
+def run(*args, stdin=None):
+    p = subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, input=stdin,
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def reference_answer(ref_dir, stem):
+    c = json.loads((ref_dir / f"{stem}.json").read_text())["chat"][0]
+    return c["image"], c["answer_text"], c["generate_kwargs"]
+
+
+def test_prompt_prints_reference_answer(ref_dir):
+    image, answer, kw = reference_answer(ref_dir, "reference")
+    rc, out, err = run("--image", ref_dir / image, "--weights", ref_dir, "--prompt", QUESTION, "--greedy",
+                       "--max-new-tokens", kw["max_new_tokens"])
+    assert rc == 0, err
+    assert out == answer + "\n"
+
+
+def test_prompt_llama2_variant(ref_dir, capsys):
+    image, answer, kw = reference_answer(ref_dir, "reference_llama2")
+    assert kw["repetition_penalty"] == 1.05  # the Llama-2 refactor's default, which sample.py keeps
+    rc = sample.main(["--model", "llama2", "--image", str(ref_dir / image), "--weights", str(ref_dir),
+                      "--prompt", QUESTION, "--greedy", "--max-new-tokens", str(kw["max_new_tokens"])])
+    assert rc == 0
+    assert capsys.readouterr().out == answer + "\n"
+
+
+def test_interactive_chat_through_stdin(ref_dir):
+    image, answer, _ = reference_answer(ref_dir, "reference")
+    stdin = f"{QUESTION}\nAnd then?\n/reset\n/image {ref_dir / image}\n{QUESTION}\n/quit\n"
+    rc, out, err = run("--image", ref_dir / image, "--weights", ref_dir, "--greedy", "--max-new-tokens", 20,
+                       stdin=stdin)
+    assert rc == 0, err
+    lines = out.strip("\n").split("\n")
+    assert len(lines) == 3 and all(lines)
+    assert lines[0].strip() == answer and lines[2].strip() == answer  # a new conversation answers the same
+    assert "Traceback" not in err
+
+
+def test_missing_weights_one_message(tmp_path):
+    (tmp_path / "eva_vit_g.pth").write_bytes(b"")  # present (content is checked later): not listed
+    rc, out, err = run("--image", "assets/cat.jpg", "--weights", tmp_path, "--prompt", QUESTION)
+    assert rc != 0 and out == "" and "Traceback" not in err
+    assert err.startswith("error: missing weights:")
+    for part in ["blip2_pretrained_flant5xxl.pth", "vicuna-7b/", "prerained_minigpt4_7b.pth", "storage.googleapis.com",
+                 "huggingface.co/Vision-CAIR/vicuna-7b"]:
+        assert part in err
+    assert "eva_vit_g" not in err
+
+
+def bad_input_cases(ref_dir, tmp_path):
+    image = ref_dir / "image0_rgba.png"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    proj = tmp_path / "proj.pth"
+    w = torch.load(ref_dir / "minigpt4_proj.pth", weights_only=True)["model"]["llama_proj.weight"]
+    torch.save({"model": {"llama_proj.weight": torch.zeros(2 * w.shape[0], w.shape[1]),
+                          "llama_proj.bias": torch.zeros(2 * w.shape[0])}}, proj)
+    return {
+        "unreadable image": (["--image", broken, "--prompt", QUESTION], "cannot read image"),
+        "missing image": (["--image", tmp_path / "nope.png", "--prompt", QUESTION], "nope.png"),
+        "wrong projection size": (["--image", image, "--proj", proj, "--prompt", QUESTION], "projection outputs"),
+        "empty prompt": (["--image", image, "--prompt", "  "], "empty prompt"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unreadable image", "missing image", "wrong projection size", "empty prompt"])
+def test_bad_input_one_clear_line(ref_dir, tmp_path, capsys, case):
+    args, expect = bad_input_cases(ref_dir, tmp_path)[case]
+    rc = sample.main([str(a) for a in args] + ["--weights", str(ref_dir)])
+    out, err = capsys.readouterr()
+    assert rc != 0 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], err
