@@ -10,7 +10,13 @@ from conftest import assert_close, load_reference
 from checkpoint import CheckpointError
 from llama import (Llama, LlamaConfig, Tokenizer, generate, process_logits, META_TO_HF, IGNORED_KEYS)
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only in this module (a module-level set_grad_enabled would leak into other test files)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture
