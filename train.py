@@ -1,0 +1,449 @@
+"""
+Train MiniGPT-4's projection `llama_proj` (the only trained weights) with the original two-stage recipe.
+
+    python train.py --stage 1 --data='laion/{00000..10488}.tar' --out_dir=out/stage1      # one GPU
+    torchrun --standalone --nproc_per_node=4 train.py --stage 1 --data=...                # 4 GPUs (DDP)
+    python train.py --stage 2 --data=cc_sbu_align --init=out/stage1/ckpt.pth --out_dir=out/stage2
+    python train.py --stage 1 --config tiny --data=... --out_dir=out/tiny1                # CPU, seconds
+    ... --resume                                   # continue out_dir/ckpt.pth exactly where it stopped
+
+Options are the fields of TrainConfig, given as --key=value (or --key value; a bare --flag sets a bool);
+they apply on top of the stage preset and then the --config preset. Outputs: out_dir/ckpt.pth (the
+original's checkpoint format: {"model": {"llama_proj.weight", "llama_proj.bias"}, "optimizer", "scaler",
+"config", "step", "epoch"} plus our own "rng", "data" and "loss" keys) and out_dir/log.jsonl.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data as D
+
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "reference", "tiny")
+PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for the MFU estimate
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    model: str = "vicuna-13b"       # model.py preset: vicuna-7b | vicuna-13b | llama2-7b (its stage-2 template)
+    weights: str = "weights"        # folder laid out as model.py's find_weights expects (vit, qformer, llm)
+    vit: str = ""                   # per-file overrides of the weights folder
+    qformer: str = ""
+    llm: str = ""
+    init: str = ""                  # projection to start from (stage 2: the stage-1 ckpt.pth); "" = random
+    # data: stage 1 tar shards (data.expand_shards: brace ranges, globs, ','-lists), stage 2 cc_sbu_align/
+    data: str = ""
+    max_txt_len: int = 32
+    num_workers: int = 4
+    # optimisation: the original recipe (train_configs/minigpt4_stage1_pretrain.yaml)
+    batch_size: int = 64            # per GPU and micro-step
+    grad_accum: int = 1             # micro-steps per optimizer step
+    max_epoch: int = 4
+    iters_per_epoch: int = 5000     # optimizer steps per "epoch" (the original's epochs are step counts)
+    warmup_steps: int = 5000
+    warmup_lr: float = 1e-6
+    lr: float = 1e-4
+    min_lr: float = 8e-5
+    weight_decay: float = 0.05      # on matrices only: no decay on biases, norms and other 1-D params
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 0.0          # 0 = off (the original does not clip)
+    dtype: str = "bfloat16"         # autocast on GPU: bfloat16 | float16 (+ GradScaler, as the original) | float32
+    grad_checkpointing: bool = False  # recompute the LLM blocks in backward (bigger batches, ~1/3 slower)
+    # run
+    device: str = ""                # "" = cuda if available, else cpu
+    out_dir: str = "out/stage1"
+    seed: int = 42
+    log_interval: int = 50
+    ckpt_interval: int = 1000       # also one at the end
+    stop_step: int = 0              # stop (with a checkpoint) at this step, keeping the schedule; 0 = the end
+    resume: bool = False            # continue out_dir/ckpt.pth: weights, optimizer, scaler, step, RNG, data
+    peak_flops: float = 0.0         # per GPU, for MFU; 0 = by GPU name (H100/H200/A100 bf16 dense)
+
+
+STAGES = {  # the original yaml files; stage 2 starts from the stage-1 projection (--init)
+    1: dict(),
+    2: dict(batch_size=12, max_epoch=5, iters_per_epoch=200, warmup_steps=200, lr=3e-5, min_lr=1e-5,
+            max_txt_len=160, out_dir="out/stage2"),
+}
+CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
+    "tiny": dict(model="vicuna-7b", weights=TINY, device="cpu", dtype="float32", batch_size=4, num_workers=0,
+                 max_epoch=2, iters_per_epoch=4, warmup_steps=2, lr=1e-3, min_lr=1e-4, log_interval=1,
+                 ckpt_interval=4),
+}
+
+
+def parse_args(argv):
+    """argv -> TrainConfig: defaults, then the --stage preset, then the --config preset, then --key=value."""
+    opts, i = {}, 0
+    while i < len(argv):
+        if not argv[i].startswith("--"):
+            raise SystemExit(f"unexpected argument {argv[i]!r}: options are --key=value")
+        k, eq, v = argv[i][2:].partition("=")
+        if not eq:  # --key value, or a bare --flag (true)
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            v, i = (argv[i + 1], i + 1) if has_value else ("true", i)
+        opts[k.replace("-", "_")], i = v, i + 1
+    stage, preset = opts.get("stage", "1"), opts.pop("config", None)
+    if stage not in ("1", "2") or (preset is not None and preset not in CONFIGS):
+        raise SystemExit(f"--stage must be 1 or 2 (got {stage}), --config one of {list(CONFIGS)} (got {preset})")
+    cfg = TrainConfig(**{"stage": int(stage), **STAGES[int(stage)], **CONFIGS.get(preset, {})})
+    cfg.out_dir = f"out/{preset}-stage{stage}" if preset else cfg.out_dir
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for k, v in opts.items():
+        t = types.get(k)
+        if t is None:
+            raise SystemExit(f"unknown option --{k} (known: {', '.join(types)})")
+        try:
+            if t is bool and v.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            setattr(cfg, k, v.lower() in ("true", "1") if t is bool else t(v))
+        except ValueError:
+            raise SystemExit(f"--{k} expects {t.__name__}, got {v!r}") from None
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ DDP, schedule
+def setup_ddp(cfg):
+    """(rank, world_size, device) from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPU, gloo on CPU)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def get_lr(cfg, step):
+    """The original LinearWarmupCosineLRScheduler (minigpt4/common/optims.py), set before optimizer step
+    `step` (0-based): linear from warmup_lr to lr over warmup_steps, then a cosine from lr to min_lr over all
+    max_epoch * iters_per_epoch steps counted from step 0, warmup included (stage 1 thus goes from ~1e-4 to
+    9.7e-5 at step 5000). The original counts micro-steps; we count optimizer steps (same with grad_accum=1)."""
+    if step < cfg.warmup_steps:
+        return min(cfg.lr, cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(cfg.warmup_steps, 1))
+    total = cfg.max_epoch * cfg.iters_per_epoch
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def build_optimizer(cfg, model):
+    """AdamW over the trainable parameters; weight decay on matrices only (not biases, norms, 1-D)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def rng_state():
+    """This process's RNG states as tensors and numbers (weights_only-loadable)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": torch.tensor(random.getstate()[1]),
+          "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(st["python"].tolist()), None))
+    np.random.set_state(("MT19937", st["numpy"][0].numpy().astype(np.uint32), *st["numpy"][1:]))
+    if "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] (every rank gets the list)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(path, model, optimizer, scaler, cfg, step, epoch, rngs, datas, loss):
+    """Atomic: write a temp file in the same folder, then os.replace (a crash never leaves half a file)."""
+    ckpt = {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "config": asdict(cfg), "step": step, "epoch": epoch,
+            "rng": rngs, "data": datas, "loss": loss}  # rng, data: one entry per rank
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- data
+class Batches:
+    """This rank's endless stream of training batches, data epoch after data epoch (the original's
+    "epochs" are step counts, so the data simply wraps around). Stage 1: data.ShardDataset (shards split
+    over ranks and workers); stage 2: data.AlignDataset with a seeded per-epoch permutation split over the
+    ranks (drop_last: no sample twice in an epoch). Bad samples are dropped by data.collate and counted in
+    `skipped`; state_dict() is the position to resume from."""
+
+    def __init__(self, cfg, rank=0, world=1):
+        if not cfg.data:
+            raise SystemExit("--data is required (stage 1: tar shards, stage 2: the cc_sbu_align folder)")
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.ds = D.ShardDataset(cfg.data, seed=cfg.seed, rank=rank, world_size=world) if cfg.stage == 1 \
+            else D.AlignDataset(cfg.data, seed=cfg.seed)
+        self.epoch, self.pos, self.it, self.skipped = 0, None, None, 0
+
+    def _loader(self):
+        self.ds.set_epoch(self.epoch)
+        ds, sampler = self.ds, None
+        if self.cfg.stage == 1:  # a resumed epoch starts with the worker whose turn it was (exact resume)
+            ds = Rotated(self.ds, self.rank, self.world, self.pos["next_worker"] if self.pos else 0)
+        else:  # a seeded permutation per epoch, each rank every world-th index
+            g = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
+            n = len(self.ds) // self.world * self.world
+            idx = torch.randperm(len(self.ds), generator=g)[:n][self.rank::self.world].tolist()
+            start = self.pos["batches"] * self.cfg.batch_size if self.pos else 0
+            sampler = idx[start:]
+            self.pos = self.pos or {"epoch": self.epoch, "batches": 0}
+        return iter(torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, sampler=sampler,
+                                                num_workers=self.cfg.num_workers, collate_fn=D.collate))
+
+    def __next__(self):
+        empty_epochs = 0
+        while True:
+            if self.it is None:
+                self.it = self._loader()
+            try:
+                batch = next(self.it)
+            except StopIteration:  # next data epoch
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise SystemExit(f"rank {self.rank}: no usable samples in --data={self.cfg.data}") from None
+                self.epoch, self.pos, self.it = self.epoch + 1, None, None
+                continue
+            if self.cfg.stage == 1:
+                self.pos = D.track(self.pos, batch)
+                self.pos["next_worker"] = (batch["worker"] + 1) % batch["num_workers"]
+            else:
+                self.pos["batches"] += 1
+            for e in batch["errors"][:max(0, 5 - self.skipped)]:  # the first few, then only the count
+                print(f"rank {self.rank}: skipped a bad sample: {e}", file=sys.stderr)
+            self.skipped += batch["skipped"]
+            if batch["text"]:  # a batch of only bad samples is skipped
+                return batch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, st):
+        self.epoch, self.pos, self.it = st["epoch"], st["pos"], None
+        if self.cfg.stage == 1 and self.pos is not None:
+            self.ds.load_state_dict(self.pos)
+
+
+class Rotated(torch.utils.data.IterableDataset):
+    """DataLoader worker i reads the ShardDataset stream of worker (i + offset) % num_workers: the loader
+    takes workers in turn from 0, and a run resumed mid-round must go on with the worker that was next."""
+
+    def __init__(self, ds, rank, world, offset):
+        self.ds, self.rank, self.world, self.offset = ds, rank, world, offset
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        return self.ds.stream(self.rank, self.world, (worker + self.offset) % n, n)
+
+
+build_data = Batches  # build_data(cfg, rank=0, world=1) -> an iterator of batches
+
+
+def prompts_of(cfg, batch):
+    """Stage 1: no prompt. Stage 2: each sample's instruction (model.forward wraps it in its template)."""
+    return None if cfg.stage == 1 else batch["instruction"]
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(cfg, device=None, dtype=None):
+    """The frozen ViT, Q-Former and LLM in `dtype` (GPU: bf16/fp16; CPU: fp32) on `device`, and llama_proj
+    in fp32 (the master weights AdamW updates; autocast runs its matmul in low precision): from --init,
+    else freshly initialised from cfg.seed (nn.Linear's default init, as the original stage 1)."""
+    from model import MiniGPT4
+    device = torch.device(device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype))
+    # model.py's from_pretrained always loads a projection; stage 1 has none yet, so we hand it an existing
+    # placeholder path and skip that one load (workaround until from_pretrained accepts proj=None)
+    load = MiniGPT4.load_projection
+    if not cfg.init:
+        MiniGPT4.load_projection = lambda self, path: None
+    try:
+        model = MiniGPT4.from_pretrained(cfg.weights, cfg.model, vit=cfg.vit or None, qformer=cfg.qformer or None,
+                                         llm=cfg.llm or None, proj=cfg.init or __file__, dtype=dtype,
+                                         device=device)
+    finally:
+        MiniGPT4.load_projection = load
+    model.llama_proj.float()
+    if not cfg.init:
+        torch.manual_seed(cfg.seed)  # identical on every rank (DDP also broadcasts rank 0's at wrap time)
+        model.llama_proj.reset_parameters()
+    if cfg.grad_checkpointing:  # llama.py has no flag for it: wrap each block's forward here
+        for block in model.llama_model.model.layers:
+            block.forward = checkpointed(block.forward)
+    return model.eval()  # the frozen parts run in eval mode, as in the original; llama_proj has no dropout
+
+
+def checkpointed(fn):
+    return lambda *args, **kw: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kw)
+
+
+def flop_counter(model):
+    """-> f(T): approximate FLOPs to train on one sample with T LLM tokens (padding included). Frozen forwards
+    cost 2*N*tokens: the ViT on its 257 tokens (+ attention 4*L*257^2*W), the Q-Former on its queries (its
+    cross-attention over the image tokens ignored: <1% of the ViT). llama_proj forward+backward: 6*N*nq. The
+    LLM forward (2*N*T + 4*L*T^2*D) plus the backward through its activations only, no weight gradients
+    (2*N*T for the matmuls, 8*L*T^2*D for attention). N counts Linear/Conv weights, not embedding tables."""
+    def n(m):
+        return sum(x.weight.numel() for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d)))
+    v, llm, qf = model.visual_encoder, model.llama_model, model.Qformer
+    Nv = v.pos_embed.shape[1]  # 257 image tokens
+    nq = qf.config.n_queries if qf is not None else (Nv - 1) // model.cfg.group
+    image = 2 * n(v) * Nv + 4 * len(v.blocks) * Nv ** 2 * v.config.width + (2 * n(qf) * nq if qf else 0)
+    image += 6 * model.llama_proj.weight.numel() * nq
+    N, L, D = n(llm), llm.cfg.n_layers, llm.cfg.dim
+    return lambda T: image + 4 * N * T + 12 * L * T ** 2 * D
+
+
+# ------------------------------------------------------------------------------------------------- train
+def train(cfg, batches=None):
+    """Run (or, with cfg.resume, continue) training. `batches`: an iterator of collated batches replacing
+    build_data (tests feed one process the global batch of two ranks). -> {"losses": mean loss per step,
+    "state": the projection's state dict, "step", "skipped": bad samples this rank dropped}."""
+    rank, world, device = setup_ddp(cfg)
+    master = rank == 0
+    amp = device.type == "cuda" and cfg.dtype != "float32"
+    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and cfg.dtype == "float16")
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(cfg, model)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    own_batches = batches is None
+    batches = build_data(cfg, rank, world) if own_batches else batches
+    flops, seen = flop_counter(model), {}  # seen: the LLM's attention mask in the last forward (tokens/s, FLOPs)
+    model.llama_model.register_forward_pre_hook(lambda m, a, kw: seen.update(mask=kw["mask"]), with_kwargs=True)
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, step, losses = os.path.join(cfg.out_dir, "ckpt.pth"), 0, []
+    if cfg.resume:  # weights, optimizer, scaler, step, RNG and data position of out_dir/ckpt.pth
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if len(ck["rng"]) != world:
+            raise SystemExit(f"{ckpt_path} was saved by {len(ck['rng'])} processes, resuming with {world}")
+        with torch.no_grad():
+            for k, v in ck["model"].items():
+                model.get_parameter(k).copy_(v)
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        step, losses = ck["step"], list(ck["loss"])
+        set_rng_state(ck["rng"][rank])
+        if own_batches:
+            batches.load_state_dict(ck["data"][rank])
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+
+    # DDP sees llama_proj only: every frozen tensor is on its ignore list (never broadcast nor all-reduced)
+    net = model
+    if world > 1:
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    end = min(cfg.stop_step or cfg.max_epoch * cfg.iters_per_epoch, cfg.max_epoch * cfg.iters_per_epoch)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+    peak = cfg.peak_flops or next((v for k, v in PEAK.items() if device.type == "cuda" and
+                                   k in torch.cuda.get_device_name(device)), 0.0)  # one GPU's FLOP/s
+    t0, t_start, step0, skipped = time.time(), time.time(), step, 0
+    meter = torch.zeros(6, dtype=torch.float64)  # this log interval: loss sum, samples, tokens, FLOPs, -, steps
+    if master:
+        print(f"stage {cfg.stage}: {sum(p.numel() for g in optimizer.param_groups for p in g['params']):,} trained, "
+              f"steps {step}..{end}, batch {cfg.batch_size} x {cfg.grad_accum} micro-steps x {world} process(es)")
+    while step < end:
+        lr = get_lr(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = torch.zeros(6, dtype=torch.float64)  # summed over micro-steps (and then over ranks)
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            last = world == 1 or micro == cfg.grad_accum - 1  # all-reduce the gradients on the last one only
+            with (contextlib.nullcontext() if last else net.no_sync()), autocast:
+                loss = net(batch["image"].to(device), batch["text"], prompts_of(cfg, batch),
+                           max_txt_len=cfg.max_txt_len)
+            scaler.scale(loss / cfg.grad_accum).backward()
+            B, mask = len(batch["text"]), seen["mask"]
+            stats += torch.tensor([loss.item() / cfg.grad_accum, B, mask.sum().item(), B * flops(mask.shape[1]),
+                                   batch["skipped"], 0], dtype=torch.float64)
+        if world > 1:  # sums over ranks; also how every rank learns that one of them saw a NaN
+            dist.all_reduce(stats)
+        loss_val = stats[0].item() / world
+        if not math.isfinite(loss_val):  # stop before the update: the weights and the last checkpoint stay good
+            last = f"last good checkpoint: {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint yet"
+            raise FloatingPointError(f"step {step}: loss is {loss_val} (not finite); stopped without updating "
+                                     f"the weights; {last}. Try a lower lr, or --dtype=bfloat16 rather than float16")
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.llama_proj.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss_val)
+        stats[0], stats[5] = loss_val, 1
+        meter += stats
+        skipped += int(stats[4].item())
+        if step % cfg.log_interval == 0 or step == end:
+            dt, k = time.time() - t0, meter[5].item()
+            rec = {"step": step, "epoch": (step - 1) // cfg.iters_per_epoch, "loss": meter[0].item() / k, "lr": lr,
+                   "samples_per_s": meter[1].item() / dt, "tokens_per_s": meter[2].item() / dt, "skipped": skipped}
+            if peak:
+                rec["mfu"] = meter[3].item() / dt / (peak * world)
+            if device.type == "cuda":
+                rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            rec["eta_s"] = (time.time() - t_start) / (step - step0) * (end - step)
+            if master:
+                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            meter.zero_()
+            t0 = time.time()
+        if step % cfg.ckpt_interval == 0 or step == end:
+            rngs, datas = gather(rng_state(), world), gather(batches.state_dict() if own_batches else None, world)
+            if master:
+                save_checkpoint(ckpt_path, model, optimizer, scaler, cfg, step, step // cfg.iters_per_epoch,
+                                rngs, datas, losses)
+    if log:
+        log.close()
+    return {"losses": losses, "state": model.trainable_state_dict(), "step": step,
+            "skipped": getattr(batches, "skipped", 0)}
+
+
+if __name__ == "__main__":
+    try:
+        train(parse_args(sys.argv[1:]))
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
