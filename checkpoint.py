@@ -6,10 +6,14 @@ Shared by vit.py, qformer.py, llama.py and model.py so that every model file loa
   2. read the checkpoint (or one shard of it) with `read_checkpoint`,
   3. move each tensor into place with `assign`, cast to the target dtype on the target device,
   4. `check_complete` raises if any parameter was never loaded.
+`param_dtype` (Linear/Conv weights in the target dtype, the rest in fp32) and `from_file` (config fields that
+the checkpoint's shapes decide) are shared by vit.py and qformer.py.
 Every problem raises CheckpointError with one line that names the file or the key.
 """
 import os
+import sys
 import zipfile
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -78,3 +82,20 @@ def check_complete(model, what="checkpoint"):
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{what} is missing {len(missing)} key(s): {', '.join(missing[:5])}{more}")
+
+
+def param_dtype(model, key, dtype):
+    """Linear/Conv parameters take `dtype`; everything else (LayerNorms, cls/pos, q/v biases) stays fp32."""
+    try:
+        owner = model.get_submodule(key.rpartition(".")[0])
+    except AttributeError:
+        return dtype  # not a model key: assign() reports it
+    return dtype if isinstance(owner, (nn.Linear, nn.Conv2d)) else torch.float32
+
+
+def from_file(config, found, path, log=True):
+    """`config` with the fields the checkpoint determines replaced by the file's values (logged if different)."""
+    changed = [f"{k} {getattr(config, k)} -> {v}" for k, v in found.items() if getattr(config, k) != v]
+    if changed and log:
+        print(f"{path}: config values replaced by the checkpoint's: {', '.join(changed)}", file=sys.stderr)
+    return replace(config, **found)

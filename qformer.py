@@ -14,15 +14,15 @@ Precision, as in vit.py: Linear weights in `dtype`; LayerNorms and query_tokens 
 fp32 and each Linear casts its input to its weight dtype, so forward returns fp32. On CPU use fp32.
 """
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention
-from checkpoint import CheckpointError, assign, check_complete, read_checkpoint, unwrap
-from vit import LayerNorm, Linear, from_file, param_dtype
+from checkpoint import CheckpointError, assign, check_complete, from_file, param_dtype, read_checkpoint, unwrap
+from vit import LayerNorm, Linear  # the same fp32-stream building blocks as the ViT
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention
-from checkpoint import CheckpointError, assign, check_complete, read_checkpoint, unwrap
+from checkpoint import CheckpointError, assign, check_complete, from_file, param_dtype, read_checkpoint, unwrap
 
 
 @dataclass
@@ -180,15 +180,6 @@ class VisionTransformer(nn.Module):
         return model.eval()
 
 
-def param_dtype(model, key, dtype):
-    """Linear/Conv parameters take `dtype`; everything else (LayerNorms, cls/pos, q/v biases) stays fp32."""
-    try:
-        owner = model.get_submodule(key.rpartition(".")[0])
-    except AttributeError:
-        return dtype  # not a model key: assign() reports it
-    return dtype if isinstance(owner, (nn.Linear, nn.Conv2d)) else torch.float32
-
-
 def infer_config(sd, config, path):
     """ViTConfig from the checkpoint shapes (+ heads/eps/depth from config) and the file's block count."""
     def shape(key):
@@ -209,12 +200,3 @@ def infer_config(sd, config, path):
     if config is None:
         return replace(ViTConfig(), depth=n_blocks - (n_blocks == EVA_CLIP_DEPTH), **found), n_blocks
     return from_file(config, found, path), n_blocks
-
-
-def from_file(config, found, path, log=True):
-    """`config` with the fields the checkpoint determines replaced by the file's values (logged if different)."""
-    changed = [f"{k} {getattr(config, k)} -> {v}" for k, v in found.items() if getattr(config, k) != v]
-    if changed and log:
-        print(f"{path}: config values replaced by the checkpoint's: {', '.join(changed)}", file=sys.stderr)
-    return replace(config, **found)
-
