@@ -158,8 +158,10 @@ class QFormer(nn.Module):
 
     def forward(self, image_embeds):  # (B, N, W): ln_vision(ViT output)
         B = image_embeds.shape[0]
+        layers = self.encoder.layer
+        image_embeds = image_embeds.to(layers[0].attention.self.query.weight.dtype)  # once, not per layer
         x = self.embeddings(self.query_tokens.float().expand(B, -1, -1))  # (B, nq, C)
-        for layer in self.encoder.layer:
+        for layer in layers:
             x = layer(x, image_embeds)
         return x                                                           # (B, nq, C) fp32
 
