@@ -27,10 +27,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before attention.py imports triton
 import attention as A  # noqa: E402
 from checkpoint import assign, check_complete  # noqa: E402
-from llama import LlamaConfig, RMSNorm, Tokenizer, generate  # noqa: E402
+from llama import RMSNorm, Tokenizer, generate  # noqa: E402
 from model import IMAGE, TEMPLATES, MiniGPT4, MiniGPT4Config  # noqa: E402
-from qformer import QFormerConfig  # noqa: E402
-from vit import ViTConfig  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CHECK_TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}  # x max(1, max|ref|)
@@ -319,8 +317,7 @@ def bench_e2e(args):
         (w_enc, i_enc), (w_dec, i_dec) = ((1, 3), (0, 1)) if args.quick else ((3, 10), (0, 3))  # decode: warm below
     else:  # smoke test: tiny presets, fp32, everything run once, one thread (tiny ops: threads only spin)
         torch.set_num_threads(1)
-        cfg = MiniGPT4Config(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny"),
-                             llm_dim=LlamaConfig.from_name("tiny").dim)
+        cfg = MiniGPT4Config.from_name("tiny")
         name, B, n_new, tol = "CPU (tiny presets, fp32: a smoke test, timings meaningless)", 2, 16, 1e-4
         (w_enc, i_enc), (w_dec, i_dec) = (0, 1), (0, 1)
     peak_tf, peak_bw = device_peaks(name, args.peak_tflops, args.peak_tbps)

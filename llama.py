@@ -7,15 +7,18 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from attention import attention
-from checkpoint import CheckpointError, assign, check_complete, read_checkpoint
+from checkpoint import CheckpointError, assign, check_complete, first_line, read_checkpoint
+
 
 @dataclass
 class LlamaConfig:
@@ -32,7 +35,9 @@ class LlamaConfig:
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0
+        for a, b in [("dim", "n_heads"), ("n_heads", "n_kv_heads")]:
+            if getattr(self, a) % getattr(self, b):
+                raise ValueError(f"LlamaConfig: {a} {getattr(self, a)} is not divisible by {b} {getattr(self, b)}")
 
     @property
     def head_dim(self):
@@ -40,6 +45,8 @@ class LlamaConfig:
 
     @classmethod
     def from_name(cls, name):
+        if name not in PRESETS:
+            raise ValueError(f"unknown LLaMA preset {name!r}: choose one of {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
 
     @classmethod
@@ -48,25 +55,39 @@ class LlamaConfig:
         path = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise CheckpointError(f"config not found: {path}")
-        c = json.load(open(path))
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
-        if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{path}: unsupported rope scaling or activation")
-        return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                   n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                   hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                   rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                   max_seq_len=c.get("max_position_embeddings", 2048),
-                   tie_embeddings=c.get("tie_word_embeddings", False))
+        with json_errors(path), open(path) as f:
+            c = json.load(f)
+            rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
+            if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("hidden_act", "silu") != "silu":
+                raise CheckpointError(f"{path}: unsupported rope scaling or activation")
+            return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                       n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
+                       hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                       rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                       max_seq_len=c.get("max_position_embeddings", 2048),
+                       tie_embeddings=c.get("tie_word_embeddings", False))
 
     @classmethod
     def from_meta(cls, path, vocab_size):
         """Meta `params.json` -> LlamaConfig (FFN width by Meta's multiple_of rule; vocab -1 -> vocab_size)."""
-        p = json.load(open(path))
-        hidden, m = int((p.get("ffn_dim_multiplier") or 1) * int(2 * 4 * p["dim"] / 3)), p.get("multiple_of", 256)
-        return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
-                   vocab_size=max(p.get("vocab_size", -1), 0) or vocab_size, hidden_dim=-(-hidden // m) * m,
-                   norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
+        with json_errors(path), open(path) as f:
+            p = json.load(f)
+            hidden, m = int((p.get("ffn_dim_multiplier") or 1) * int(8 * p["dim"] / 3)), p.get("multiple_of", 256)
+            return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
+                       vocab_size=max(p.get("vocab_size", -1), 0) or vocab_size, hidden_dim=-(-hidden // m) * m,
+                       norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
+
+
+@contextmanager
+def json_errors(path):
+    """Invalid JSON, a missing key or a bad value inside -> one CheckpointError naming `path` (and the key)."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e}") from None
+    except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
+
 
 PRESETS = {
     "llama-7b": dict(),
@@ -75,6 +96,7 @@ PRESETS = {
     "llama2-7b": dict(norm_eps=1e-5, max_seq_len=4096),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000, hidden_dim=172),
 }
+
 
 # ----------------------------------------------------------------------------------------------- model
 class RMSNorm(nn.Module):
@@ -87,16 +109,19 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-def rope_cos_sin(positions, head_dim, theta):
-    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32 (HF layout: the half-table repeated)."""
+
+def rope_cos_sin(positions, head_dim, theta, dtype=torch.float32):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) computed in fp32, returned in `dtype` (as HF)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-    return emb.cos(), emb.sin()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D): HF's layout, the half-table twice
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
-def apply_rope(x, cos, sin):  # x (B, H, T, D); rotate-half: pairs (i, i + D/2)
+
+def apply_rope(x, cos, sin):  # x (B, H, T, D), cos/sin in x's dtype; rotate-half: pairs (i, i + D/2)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -118,6 +143,7 @@ class Attention(nn.Module):
         y = attention(q, k, v, causal=True, mask=key_mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+
 class MLP(nn.Module):  # SwiGLU
     def __init__(self, cfg):
         super().__init__()
@@ -127,6 +153,7 @@ class MLP(nn.Module):  # SwiGLU
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -140,13 +167,15 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+
 class KVCache:
-    """Preallocated keys/values (B, Hkv, max_len, D) per layer, a key-valid mask (B, max_len) and an int
+    """Preallocated keys and values (n_layers, B, Hkv, max_len, D), a key-valid mask (B, max_len) and an int
     write position `pos`: slots [0, pos) are filled; pad slots (valid False) are never attended."""
 
     def __init__(self, cfg, batch_size, max_len, dtype, device):
-        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k, self.v = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)] for _ in "kv")
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos, self.max_len = 0, max_len
 
@@ -155,15 +184,17 @@ class KVCache:
 
     def write(self, layer, k, v):  # k, v (B, Hkv, T, D) at slots [pos, pos + T)
         end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, index):  # select/reorder rows along the batch (beam search)
-        self.k, self.v = ([t.index_select(0, index) for t in ts] for ts in (self.k, self.v))
-        self.valid = self.valid.index_select(0, index)
+        self.k, self.v, self.valid = self.k[:, index], self.v[:, index], self.valid[index]
+
 
 class Llama(nn.Module):
+    gradient_checkpointing = False  # set True to recompute each block's activations in backward (training)
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
@@ -181,10 +212,12 @@ class Llama(nn.Module):
     def new_cache(self, batch_size, max_len):
         return KVCache(self.cfg, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
 
-    def forward(self, idx=None, embeds=None, mask=None, positions=None, cache=None):
+    def forward(self, idx=None, embeds=None, mask=None, positions=None, cache=None, logits_at=None):
         """idx (B, T) ids or embeds (B, T, C); mask (B, T) 1 = real, 0 = pad (for the new tokens);
         positions (B, T), default = number of real tokens before each token (cache included), so
-        right-padded rows continue at the right place. Appends to `cache` if given. -> fp32 logits (B, T, V)."""
+        right-padded rows continue at the right place. Appends to `cache` if given. -> fp32 logits (B, T, V);
+        with logits_at (B,) long, only row b's position logits_at[b]: (B, 1, V) (generation needs only the last
+        real tokens). `gradient_checkpointing` + grad enabled (even in eval mode): blocks recomputed in backward."""
         x = self.embed(idx) if embeds is None else embeds
         B, T, _ = x.shape
         key_mask = None if mask is None else mask.bool()  # None: all real (lets SDPA use its causal path)
@@ -192,17 +225,22 @@ class Llama(nn.Module):
         if positions is None:  # number of real tokens before each token
             past = 0 if cache is None else cache.n_valid()[:, None]  # (B, 1)
             positions = past + mask.long().cumsum(-1) - mask.long()  # (B, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # once, not per layer
         if cache is not None:
             if cache.pos + T > cache.max_len:
                 raise ValueError(f"KV cache full: {cache.pos} + {T} tokens > max_len {cache.max_len}")
             cache.valid[:, cache.pos:cache.pos + T] = mask
             key_mask = cache.valid[:, :cache.pos + T]  # (B, pos + T)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, key_mask, cache, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, key_mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, key_mask, cache, i)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.model.norm(x)).float()  # (B, T, V), fp32 whatever the model dtype
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
+        return self.lm_head(self.model.norm(x)).float()  # (B, T or 1, V), fp32 whatever the model dtype
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
@@ -228,8 +266,10 @@ class Llama(nn.Module):
         check_complete(model, f"checkpoint in {folder}")
         return model.eval()
 
+
 # ------------------------------------------------------------------------------------- checkpoint files
 IGNORED_KEYS = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"rope\.freqs"]  # buffers we recompute
+
 
 def hf_items(folder):
     """Yield (key, tensor) from an HF folder, one shard in memory at a time; safetensors preferred."""
@@ -239,14 +279,13 @@ def hf_items(folder):
         raise CheckpointError(f"{folder}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
     if files[0].endswith(".index.json"):
         index = os.path.join(folder, files[0])
-        try:
-            files = sorted(set(json.load(open(index))["weight_map"].values()))
-        except Exception:
-            raise CheckpointError(f"{index}: not a valid index file (no weight_map)") from None
+        with json_errors(index), open(index) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
         for f in files:
             if not os.path.isfile(os.path.join(folder, f)):
                 raise CheckpointError(f"shard {f} listed in {index} is missing")
     return (item for f in files for item in read_checkpoint(os.path.join(folder, f)).items())  # lazy: 1 shard
+
 
 # Meta name -> HF name, and the dim along which model-parallel shards are concatenated (None: replicated)
 META_TO_HF = {
@@ -264,10 +303,12 @@ META_TO_HF = {
     "ffn_norm.weight": ("post_attention_layernorm.weight", None),
 }
 
+
 def meta_to_hf_permute(w, n_heads):
     """q/k rows: Meta's interleaved RoPE pairs (2i, 2i+1) -> HF rotate-half pairs (i, i + D/2), per head."""
     out, inp = w.shape
     return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
 
 def meta_items(folder):
     """Meta folder -> (config, iterator of (HF key, tensor)); MP shards (13B: 2) are concatenated."""
@@ -297,6 +338,7 @@ def meta_items(folder):
                 w = meta_to_hf_permute(w, cfg.n_heads if name == "attention.wq.weight" else cfg.n_kv_heads)
             yield hf, w
     return cfg, items()
+
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 class Tokenizer:
@@ -329,6 +371,7 @@ class Tokenizer:
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         return self.sp.decode([i for i in ids if 0 <= i < self.n_words])
 
+
 # ----------------------------------------------------------------------------------------------- generation
 def process_logits(logits, seen=None, repetition_penalty=1.0, do_sample=False, temperature=1.0, top_k=None,
                    top_p=None):
@@ -350,6 +393,7 @@ def process_logits(logits, seen=None, repetition_penalty=1.0, do_sample=False, t
         remove[..., -1:] = False  # keep at least one
         logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
     return logits
+
 
 class _RowText:
     """Text of one row as it grows: cut at the first stop string; `delta()` returns only what is final
@@ -373,6 +417,7 @@ class _RowText:
         out, self.sent = text[self.sent:max(end, self.sent)], max(end, self.sent)
         return out
 
+
 @dataclass
 class Generation:
     ids: torch.Tensor  # (B, n) new tokens; after a row finishes (eos / stop, included) it holds pad_id
@@ -380,6 +425,7 @@ class Generation:
     cache: KVCache  # see generate()
     scores: Optional[torch.Tensor] = None  # (n, B, V) scores after the processors (return_scores=True)
     texts: Optional[list] = None  # decoded rows (tokenizer given), cut at the first stop string
+
 
 @torch.no_grad()
 def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
@@ -408,8 +454,7 @@ def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_samp
     str_stops = [s for s in stop if isinstance(s, str)]
     rows = [_RowText(tokenizer, str_stops) for _ in range(B)] if tokenizer is not None else None
 
-    logits = model(embeds=x, mask=mask, cache=cache)
-    logits = logits[torch.arange(B, device=dev), mask.long().sum(-1) - 1]  # (B, V) at each row's last token
+    logits = model(embeds=x, mask=mask, cache=cache, logits_at=mask.sum(-1) - 1)[:, 0]  # (B, V): last real tokens
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -418,8 +463,9 @@ def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_samp
         scores = process_logits(logits, seen, repetition_penalty, do_sample, temperature, top_k, top_p)
         if return_scores:
             scores_list.append(scores)
-        tok = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0] if do_sample else scores.argmax(-1)
-        tok = torch.where(finished, pad_id, tok)  # (B,) a finished row stops changing
+        if do_sample:  # torch.multinomial(probs, 1)'s own method (so the same draws) without its host sync
+            scores = scores.softmax(-1) / torch.empty_like(scores).exponential_(1, generator=generator)
+        tok = torch.where(finished, pad_id, scores.argmax(-1))  # (B,) a finished row stops changing
         out[:, t] = tok
         lengths += ~finished
         seen.scatter_(1, tok[:, None], True)

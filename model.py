@@ -9,8 +9,8 @@ so a projection checkpoint {"model": {"llama_proj.weight", "llama_proj.bias"}} l
 Also here: the training loss built exactly as the original, generation (greedy / sampling via llama.py,
 beam search here). The multi-turn `Chat` that keeps the KV cache across turns lives in sample.py.
 """
-import glob
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -47,8 +47,7 @@ class MiniGPT4Config:
     variant: str = "vicuna0"  # "vicuna0": ViT -> Q-Former -> proj; "llama2": ViT -> 4 tokens grouped -> proj
     llm: str = "vicuna-7b"  # LlamaConfig preset (real shapes come from the LLM folder)
     vit: ViTConfig = field(default_factory=ViTConfig)
-    qformer: Optional[QFormerConfig] = field(default_factory=QFormerConfig)
-    llm_dim: int = 4096
+    qformer: Optional[QFormerConfig] = field(default_factory=QFormerConfig)  # the LLM width comes from the LLM
     group: int = 4  # llama2: consecutive patch tokens per image embedding
     ln_vision_eps: float = 1e-5
     prompt_template: str = "###Human: {} ###Assistant: "  # stage 2 (instruction tuning)
@@ -56,7 +55,7 @@ class MiniGPT4Config:
     max_txt_len: tuple = (32, 160)  # target text + end_sym is cut to this many tokens (stage 1 / 2)
     pad_piece: Optional[str] = None  # None: pad with eos (vicuna0); llama2 pads with the "$$" piece
     repetition_penalty: float = 1.0  # the demo's default (1.05 in the Llama-2 refactor)
-    max_context: int = 2000  # chat: tokens of history + new tokens before old turns are dropped
+    max_context: int = 2000  # chat: history + new tokens before old turns are dropped (capped by the LLM's)
     stop: tuple = ("###",)  # chat: stop strings (the original's ids [835] / [2277, 29937] are "###")
 
     @classmethod
@@ -68,9 +67,10 @@ class MiniGPT4Config:
 
 PRESETS = {
     "vicuna-7b": dict(),
-    "vicuna-13b": dict(llm="vicuna-13b", llm_dim=5120),
+    "vicuna-13b": dict(llm="vicuna-13b"),
     "llama2-7b": dict(variant="llama2", llm="llama2-7b", qformer=None, prompt_template="[INST] {} [/INST] ",
                       end_sym=("\n", "</s>"), pad_piece="$$", repetition_penalty=1.05),
+    "tiny": dict(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny")),  # tests
 }
 ALIASES = {"llama2": "llama2-7b", "vicuna": "vicuna-13b", "vicuna7b": "vicuna-7b", "vicuna13b": "vicuna-13b"}
 SIZES = {4096: "7B", 5120: "13B", 6656: "33B", 8192: "65B/70B"}
@@ -85,14 +85,13 @@ URLS = {
     "llama2-7b": "https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (gated: accept the license first)",
     "proj": "the Google Drive links in the original README (github.com/Vision-CAIR/MiniGPT-4)",
 }
-FILES = {  # what a weights folder may hold, first match wins (the original release names, then ours)
+FILES = {  # what a weights folder may hold, first match wins: the original release names, then the fixture's
     "vit": ["eva_vit_g.pth"],
     "qformer": ["blip2_pretrained_flant5xxl.pth", "blip2_pretrained.pth"],
-    "proj": {"vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth",
-                           "pretrained_minigpt4.pth"],
+    "proj": {"vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth"],
              "vicuna-13b": ["pretrained_minigpt4.pth", "pretrained_minigpt4_13b.pth", "minigpt4_proj.pth"],
              "llama2-7b": ["pretrained_minigpt4_llama2_7b.pth", "minigpt4_llama2_proj.pth"]},
-    "llm": {"vicuna-7b": ["vicuna-7b", "vicuna_7b", "vicuna", "llama"],
+    "llm": {"vicuna-7b": ["vicuna-7b", "vicuna_7b", "llama"],  # `vicuna/` is the 13B repo: never picked for 7B
             "vicuna-13b": ["vicuna-13b", "vicuna_13b", "vicuna", "llama"],
             "llama2-7b": ["Llama-2-7b-chat-hf", "llama-2-7b-chat-hf", "llama2-7b", "llama2", "llama"]},
 }
@@ -103,14 +102,18 @@ class MissingWeights(CheckpointError):
 
 
 def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
-    """Paths of the four weight parts: per-file overrides, else the first known name in `folder`."""
+    """Paths of the weight parts the preset needs: per-file overrides, else the first known name in `folder`
+    (no guessing beyond the names above). llama2 has no Q-Former (paths["qformer"] None); proj=False: none
+    wanted (a fresh projection, paths["proj"] None)."""
     given, paths, missing = dict(vit=vit, qformer=qformer, llm=llm, proj=proj), {}, []
+    skip = {"qformer"} if PRESETS[preset].get("variant") == "llama2" else set()
+    skip |= {"proj"} if proj is False else set()
     for part, override in given.items():
+        if part in skip:
+            paths[part] = None
+            continue
         names = FILES[part] if isinstance(FILES[part], list) else FILES[part][preset]
         found = [os.path.join(folder, n) for n in names if folder and os.path.exists(os.path.join(folder, n))]
-        if part == "llm" and folder and not found:  # any subfolder that looks like an HF / Meta LLM folder
-            found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(folder, "*", "*.json"))
-                           if os.path.basename(p) in ("config.json", "params.json"))
         path = override or (found[0] if found else None)
         if path is None or not os.path.exists(path):
             where = URLS[preset] if part == "llm" else URLS[part]
@@ -171,7 +174,9 @@ class MiniGPT4(nn.Module):
     def from_pretrained(cls, weights=None, model="vicuna-7b", vit=None, qformer=None, llm=None, proj=None,
                         dtype=torch.float32, device="cpu", cfg=None):
         """Load from a weights folder laid out like the original release (or a fixture folder), with
-        per-file overrides. Dimensions come from the files (and a folder's config.json `dims`)."""
+        per-file overrides. Dimensions come from the files (and a folder's config.json `dims`).
+        proj: None = the projection file in `weights`, a path = that file, False = a freshly initialised
+        projection (nn.Linear's default init from the current torch seed, fp32: stage-1 training)."""
         preset = ALIASES.get(model, model)
         cfg = cfg or MiniGPT4Config.from_name(preset)
         paths = find_weights(weights, preset, vit, qformer, llm, proj)
@@ -181,17 +186,19 @@ class MiniGPT4(nn.Module):
         tokenizer = Tokenizer(paths["llm"])
         llama = Llama.from_pretrained(paths["llm"], dtype=dtype, device=device)
         visual = VisionTransformer.from_pretrained(paths["vit"], vit_cfg, dtype=dtype, device=device)
-        cfg = replace(cfg, vit=visual.config, llm_dim=llama.cfg.dim, ln_vision_eps=ln_eps or cfg.ln_vision_eps)
+        cfg = replace(cfg, vit=visual.config, ln_vision_eps=ln_eps or cfg.ln_vision_eps,
+                      max_context=min(cfg.max_context, llama.cfg.max_seq_len))
         qf, ln_state = None, None
         if cfg.variant == "vicuna0":
             qf, ln_state = QFormer.from_pretrained(paths["qformer"], qf_cfg, dtype=dtype, device=device)
             cfg = replace(cfg, qformer=qf.config)
         with torch.device(device):
-            m = cls(cfg, visual, qf, llama, tokenizer)
+            m = cls(cfg, visual, qf, llama, tokenizer)  # llama_proj: nn.Linear's default init, fp32
         m.ln_vision.float()
         if ln_state is not None:  # llama2: not loaded from anything (the original never does)
             m.ln_vision.load_state_dict(ln_state)
-        m.load_projection(paths["proj"])
+        if proj is not False:
+            m.load_projection(paths["proj"])
         return m.eval()
 
     # -------------------------------------------------------------------------------- the trained part
@@ -314,23 +321,24 @@ class MiniGPT4(nn.Module):
 
     # ---------------------------------------------------------------------------------------- generation
     def generate(self, embeds, mask=None, cache=None, max_new_tokens=300, num_beams=1, do_sample=True,
-                 temperature=1.0, top_p=0.9, repetition_penalty=None, length_penalty=1.0, stop=None,
+                 temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=None, length_penalty=1.0, stop=None,
                  on_text=None, generator=None, return_scores=False, original=True):
         """Decode from embeds (B, T, D) right-padded by mask. original=True mimics transformers 4.28/4.30
         given only inputs_embeds: input_ids start at [bos], so bos is repetition-penalised and counts in the
-        beam length. -> llama.Generation (ids of the new tokens; texts cut at the first stop string)."""
+        beam length (see beam_search). top_k 50: those versions' default, which the original never changed.
+        -> llama.Generation (ids of the new tokens; texts cut at the first stop string)."""
         B, dev = embeds.shape[0], embeds.device
         rp = self.cfg.repetition_penalty if repetition_penalty is None else repetition_penalty
         start = torch.full((B, 1), self.tokenizer.bos_id, device=dev) if original else None
         stop = self.cfg.stop if stop is None else stop
         if num_beams > 1:
             return beam_search(self.llama_model, embeds, mask, num_beams, max_new_tokens, rp, length_penalty,
-                               start, self.tokenizer, stop, do_sample, temperature, top_p, generator)
+                               start, self.tokenizer, stop, do_sample, temperature, top_k, top_p, generator)
         return generate(self.llama_model, embeds=embeds, mask=mask, max_new_tokens=max_new_tokens,
-                        do_sample=do_sample, temperature=temperature, top_p=top_p, repetition_penalty=rp,
-                        penalty_ids=start, eos_id=self.tokenizer.eos_id, pad_id=self.pad_id, stop=stop,
-                        tokenizer=self.tokenizer, on_text=on_text, cache=cache, return_scores=return_scores,
-                        generator=generator)
+                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=rp, penalty_ids=start, eos_id=self.tokenizer.eos_id, pad_id=self.pad_id,
+                        stop=stop, tokenizer=self.tokenizer, on_text=on_text, cache=cache,
+                        return_scores=return_scores, generator=generator)
 
     def clean_answer(self, ids):
         """Chat.answer's clean-up: drop a leading unk/bos, decode, cut at '###', after 'Assistant:', strip."""
@@ -360,14 +368,31 @@ class MiniGPT4(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- beam search
+def warp(scores, temperature=1.0, top_k=None, top_p=None):
+    """HF's sampling warpers for beams: temperature, top-k, top-p (keeping at least 2 ids, as HF does)."""
+    scores = process_logits(scores, None, 1.0, True, temperature, top_k and max(top_k, 2))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -2:] = False
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    return scores
+
+
 @torch.no_grad()
 def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty=1.0, length_penalty=1.0,
-                start_ids=None, tokenizer=None, stop=(), do_sample=False, temperature=1.0, top_p=None,
+                start_ids=None, tokenizer=None, stop=(), do_sample=False, temperature=1.0, top_k=None, top_p=None,
                 generator=None, eos_id=None):
-    """HF beam search (early_stopping=False) on embeds (B, T, D): each step keeps the 2K best continuations;
-    those ending in eos (or a stop string) among the top K become finished hypotheses scored
-    sum_logprobs / len**length_penalty (len counts `start_ids`, as transformers 4.28 counted its [bos]).
-    Returns a Generation holding each row's best hypothesis (new tokens, eos included)."""
+    """HF beam search / beam sampling (early_stopping=False) on embeds (B, T, D): each step keeps the 2K best
+    (or 2K sampled) continuations; those ending in eos (or a stop string) among the top K finish, scored
+    sum_logprobs / length**length_penalty; the K best others run on. -> Generation of each row's best
+    hypothesis (new tokens, eos included). start_ids (B, S) given: transformers 4.28/4.30 (the original, its
+    input_ids start with them): a finished hypothesis is input_ids WITHOUT the eos (length S + tokens before
+    it); sampling warpers act AFTER adding the beam scores; a row stops when it holds K hypotheses and the best
+    of the 2K candidates / (S + t)**lp cannot beat the worst; at the end the K running beams join with length
+    S + max_new_tokens. start_ids None: transformers 5.x (empty input_ids): length = new tokens with the eos;
+    warpers BEFORE adding the beam scores; the stop test uses the best running beam / (t + 1); at the end the
+    top K candidates finish (length max_new_tokens). For an eos both lengths agree when S = 1."""
     B, T, D = embeds.shape
     K, dev = num_beams, embeds.device
     eos = tokenizer.eos_id if eos_id is None else eos_id
@@ -376,21 +401,29 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
     cache = llm.new_cache(B * K, T + max_new_tokens)
     V = llm.cfg.vocab_size
     seen = torch.zeros(B * K, V, dtype=torch.bool, device=dev)
-    n_start = 0
-    if start_ids is not None:
+    hf4, S = start_ids is not None, 0
+    if hf4:
         seen.scatter_(1, start_ids.to(dev).repeat_interleave(K, 0), True)
-        n_start = start_ids.shape[1]
-    logits = llm(embeds=x, mask=m, cache=cache)[torch.arange(B * K, device=dev), m.long().sum(-1) - 1]
+        S = start_ids.shape[1]
+    logits = llm(embeds=x, mask=m, cache=cache, logits_at=m.long().sum(-1) - 1)[:, 0]  # (B*K, V) at the last real
     seqs = torch.zeros(B, K, 0, dtype=torch.long, device=dev)
     run_scores = torch.zeros(B, K, device=dev)
     run_scores[:, 1:] = -1e9  # only beam 0 expands at the first step
     done = [[] for _ in range(B)]  # finished (score, ids) per row, at most K kept
-    open_rows = torch.ones(B, dtype=torch.bool)
+
+    def add(b, score, ids, length):
+        done[b] = sorted(done[b] + [(score / length ** length_penalty, ids)], key=lambda h: -h[0])[:K]
+
+    open_rows = [True] * B
     str_stops = [s for s in (stop or ()) if isinstance(s, str)]
     for t in range(max_new_tokens):
-        logp = process_logits(F.log_softmax(logits, -1), seen, repetition_penalty, do_sample, temperature,
-                              None, top_p)
-        total = (logp.view(B, K, V) + run_scores[..., None]).view(B, K * V)
+        logp = process_logits(F.log_softmax(logits, -1), seen, repetition_penalty)  # (B*K, V)
+        if do_sample and not hf4:
+            logp = warp(logp, temperature, top_k, top_p)
+        total = logp.view(B, K, V) + run_scores[..., None]
+        if do_sample and hf4:
+            total = warp(total.view(B * K, V), temperature, top_k, top_p).view(B, K, V)
+        total = total.view(B, K * V)
         if do_sample:
             idx = torch.multinomial(total.softmax(-1), 2 * K, generator=generator)
             top, order = total.gather(1, idx).sort(-1, descending=True)
@@ -399,18 +432,16 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
             top, idx = total.topk(2 * K, dim=-1)  # (B, 2K)
         beam, tok = idx // V, idx % V
         cand = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], -1)  # (B, 2K, t+1)
-        length = (t + 1 + n_start) ** length_penalty
         last = t == max_new_tokens - 1
         new_beam, new_seq, new_score = [], [], []
         for b in range(B):
             keep = []
             for j in range(2 * K):
                 ids = cand[b, j].tolist()
-                fin = last or ids[-1] == eos or (str_stops and any(s in tokenizer.decode(ids) for s in str_stops))
-                if fin:
+                fin = ids[-1] == eos or (str_stops and any(s in tokenizer.decode(ids) for s in str_stops))
+                if fin or (last and not hf4):
                     if j < K and open_rows[b]:
-                        done[b].append((top[b, j].item() / length, ids))
-                        done[b] = sorted(done[b], key=lambda h: -h[0])[:K]
+                        add(b, top[b, j].item(), ids, S + t if hf4 and fin else t + 1)
                 elif len(keep) < K:
                     keep.append(j)
             n_ok = len(keep)  # (rarely) fewer than K unfinished: fill with dead beams
@@ -418,10 +449,14 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
             score = top[b, keep].clone()
             score[n_ok:] = -1e9
             new_beam.append(beam[b, keep]), new_seq.append(cand[b, keep]), new_score.append(score)
-            if len(done[b]) == K and open_rows[b]:  # can the best running beam still beat the worst finished?
-                best_running = top[b, keep[0]].item() / (t + 1 + n_start) ** length_penalty
-                open_rows[b] = best_running > done[b][-1][0]
-        if last or not open_rows.any():
+            if len(done[b]) == K and open_rows[b]:  # can a running beam still beat the worst finished one?
+                best = top[b, 0].item() / (S + t) ** length_penalty if hf4 else \
+                    score[0].item() / (t + 1) ** length_penalty
+                open_rows[b] = best > done[b][-1][0]
+            if last and hf4 and open_rows[b]:  # transformers 4.28's finalize: the running beams join
+                for j in range(n_ok):
+                    add(b, score[j].item(), new_seq[b][j].tolist(), S + max_new_tokens)
+        if last or not any(open_rows):
             break
         beam_idx = torch.stack(new_beam)  # (B, K) beam each new running beam came from
         seqs, run_scores = torch.stack(new_seq), torch.stack(new_score)
@@ -431,13 +466,7 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
         seen.scatter_(1, seqs[..., -1].reshape(-1, 1), True)
         logits = llm(idx=seqs[..., -1].reshape(-1, 1), cache=cache)[:, -1]
     best = [max(h, key=lambda h: h[0])[1] for h in done]
-    n = max(len(s) for s in best)
-    ids = torch.full((B, n), eos, dtype=torch.long, device=dev)
-    for b, s in enumerate(best):
-        ids[b, :len(s)] = torch.tensor(s)
-    texts = None
-    if tokenizer is not None:
-        texts = [tokenizer.decode(s) for s in best]
-        texts = [min((t.split(s)[0] for s in str_stops), key=len, default=t) for t in texts]
-    return Generation(ids, torch.tensor([len(s) for s in best], device=dev), cache, None, texts)
-
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(h) for h in best], True, eos).to(dev)  # (B, n)
+    texts = None if tokenizer is None else [tokenizer.decode(h) for h in best]
+    texts = texts and [min((t.split(s)[0] for s in str_stops), key=len, default=t) for t in texts]
+    return Generation(ids, torch.tensor([len(h) for h in best], device=dev), cache, None, texts)

@@ -28,11 +28,22 @@ DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
 class Chat:
     """A multi-turn conversation (conversation.py's Chat). Messages: {"role": "user"/"assistant", "text",
     "images", "ids" (the answer tokens)}. The KV cache holds every fed token; a turn feeds only what is new.
-    Past the context cap, the oldest turns without an image are dropped and the rest re-prefilled."""
+    Past the context cap, the oldest turns without an image are dropped and the rest re-prefilled.
+
+    The first turn's context equals the original's. Later turns differ from the original, which rebuilds the
+    history string from the CLEANED answers and re-tokenizes it every turn: here an answer stays the tokens
+    the model generated (after "Assistant:" / " [/INST] " as prompted), and each text piece between answers
+    and images is tokenized on its own (fresh leading "▁"). So: (1) an answer that stopped on "###" keeps the
+    "###" tokens it generated as the separator, which is what "answer###" re-tokenizes to in the common case;
+    (2) an answer that ended otherwise (eos, which the original also keeps as "</s>" in its text, or
+    max_new_tokens) gets the separator as the start of the next piece: "▁###Human: ..." where the original has
+    "...answer###Human: ..." inline; (3) the next user piece starts with "▁Human" (original: "Human" glued
+    to "###"); (4) Llama-2: the prompt's " [/INST] " ends with a standalone "▁" before the generated answer,
+    where the original re-tokenizes " [/INST] answer" as "▁answer"."""
 
     def __init__(self, model, max_context=None, **opts):
         self.model, self.t = model, TEMPLATES[model.cfg.variant]
-        self.max_context = max_context or model.cfg.max_context
+        self.max_context = min(max_context or model.cfg.max_context, model.llama_model.cfg.max_seq_len)
         self.opts = opts  # generation defaults (MiniGPT4.generate's keywords)
         self.reset()
 
@@ -130,6 +141,9 @@ class Chat:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+HELP = "chat: type a question; /image PATH to start over with another image, /reset, /quit"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with MiniGPT-4 about an image.")
     p.add_argument("--image", help="image file (interactive mode: also /image PATH)")
@@ -144,11 +158,34 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length**this")
     p.add_argument("--repetition-penalty", type=float, help="default: 1.0 (Vicuna), 1.05 (Llama-2), as the original")
     p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--max-context", type=int, default=2000, help="history cap; older turns are dropped")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-context", type=int, help="history cap; older turns are dropped (default 2000, as the "
+                                                   "original, at most the LLM's context)")
+    p.add_argument("--seed", type=int, help="default: a fresh random seed each run (as the original demo)")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every bad option -> one ValueError naming it, before anything slow happens."""
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device}: not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    for name in ("max_new_tokens", "num_beams", "max_context"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.greedy and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 when sampling, got {args.temperature} (or use --greedy)")
+    if not args.greedy and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("empty prompt: give a question with --prompt")
+    if args.prompt is not None and not args.image:
+        raise ValueError("--prompt needs --image")
 
 
 def say(msg):
@@ -156,20 +193,18 @@ def say(msg):
 
 
 def run(args):
-    if args.prompt is not None and not args.prompt.strip():
-        raise ValueError("empty prompt: give a question with --prompt")
-    if args.prompt is not None and not args.image:
-        raise ValueError("--prompt needs --image")
-    from data import preprocess
+    from data import ImageError, preprocess
+    check_args(args)
     pixels = preprocess(args.image) if args.image else None  # a bad image fails before the slow load
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed) if args.seed is not None else torch.seed()
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     t0 = time.time()
     model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
                                      dtype=dtype, device=args.device)
     say(f"loaded {args.model} ({model.cfg.variant}) in {time.time() - t0:.1f}s on {args.device}")
     opts = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=not args.greedy,
-                temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+                temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                length_penalty=args.length_penalty)
     chat = Chat(model, max_context=args.max_context, **opts)
     if pixels is not None:
         chat.upload_img(pixels)
@@ -177,7 +212,7 @@ def run(args):
         chat.ask(args.prompt)
         print(chat.answer(), flush=True)
         return 0
-    say("chat: type a question; /image PATH to start over with another image, /reset, /quit")
+    say(HELP)
     while True:
         sys.stderr.write("> ")
         sys.stderr.flush()
@@ -187,15 +222,21 @@ def run(args):
         line = line.strip()
         if not line:
             continue
-        if line == "/reset" or line.startswith("/image"):
-            path = line[len("/image"):].strip() or args.image if line.startswith("/image") else args.image
+        if line.startswith("/"):
+            cmd, _, path = line.partition(" ")
+            path = path.strip() if cmd == "/image" else args.image
+            if cmd not in ("/reset", "/image") or not path and cmd == "/image":
+                say(HELP)  # an unknown command is never sent to the model
+                continue
+            try:  # load first: a bad path keeps the current conversation and image
+                pixels = preprocess(path) if path else None
+            except (ImageError, OSError, ValueError) as e:
+                say(f"error: {e}")
+                continue
             chat.reset()
-            if path:
-                try:
-                    chat.upload_img(preprocess(path))
-                    args.image = path
-                except Exception as e:  # ImageError: say so, keep chatting
-                    say(f"error: {e}")
+            if pixels is not None:
+                chat.upload_img(pixels)
+            args.image = path
             say(f"(new conversation{' about ' + path if path else ''})")
             continue
         chat.ask(line)

@@ -1,6 +1,5 @@
 """Shared fixtures: every test reads the reference folders and photos from tests/fixtures."""
 import json
-import os
 import pathlib
 import sys
 

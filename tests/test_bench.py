@@ -19,12 +19,8 @@ if _interpret is None:
 def tiny():
     """Our tiny MiniGPT4 with random weights (bench.build_ours) and the same weights in transformers' modules."""
     pytest.importorskip("transformers")
-    from llama import LlamaConfig
     from model import MiniGPT4Config
-    from qformer import QFormerConfig
-    from vit import ViTConfig
-    cfg = MiniGPT4Config(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny"),
-                         llm_dim=LlamaConfig.from_name("tiny").dim)
+    cfg = MiniGPT4Config.from_name("tiny")
     m = bench.build_ours(cfg, torch.device("cpu"), torch.float32, seed=1)
     return m, bench.to_transformers(m)
 
@@ -128,10 +124,7 @@ def test_transformers_conversion_matches(tiny):
 def test_build_ours_dtypes():
     """bench.build_ours gives from_pretrained's dtypes: LLM, ViT/Q-Former matmuls in the low dtype, the rest fp32."""
     from model import MiniGPT4Config
-    from qformer import QFormerConfig
-    from vit import ViTConfig
-    cfg = MiniGPT4Config(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny"),
-                         llm_dim=64)
+    cfg = MiniGPT4Config.from_name("tiny")
     m = bench.build_ours(cfg, torch.device("cpu"), torch.bfloat16)
     dt = {k: p.dtype for k, p in m.named_parameters()}
     assert dt["llama_model.model.norm.weight"] == dt["visual_encoder.blocks.0.attn.qkv.weight"] == torch.bfloat16

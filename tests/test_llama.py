@@ -11,7 +11,6 @@ from checkpoint import CheckpointError
 from llama import (Llama, LlamaConfig, Tokenizer, generate, process_logits, META_TO_HF, IGNORED_KEYS)
 
 
-
 @pytest.fixture(autouse=True)
 def no_grad():
     """Inference only in this module (a module-level set_grad_enabled would leak into other test files)."""
@@ -107,6 +106,65 @@ def test_right_padded_batch(ours):
         assert_close(batch[b, :lens[b]], alone[0], f"row {b}")
         solo = ours(torch.cat([r, nxt[b:b + 1]], 1))[0, lens[b]:]
         assert_close(torch.cat([s[b] for s in steps]), solo, f"decode row {b}")
+
+
+def right_padded(cfg, lens, seed=30):
+    idx = random_ids(cfg, len(lens), max(lens), seed=seed)
+    mask = (torch.arange(max(lens)) < torch.tensor(lens)[:, None]).long()
+    return idx * mask, mask
+
+
+def test_logits_at_equals_full_forward_rows(ours):
+    """logits_at computes the LM head only at one position per row: the same rows as the full forward."""
+    idx, mask = right_padded(ours.cfg, [9, 5, 7])
+    full = ours(idx, mask=mask)
+    B = idx.shape[0]
+    for at in (mask.sum(-1) - 1, torch.randint(0, idx.shape[1], (B,), generator=torch.Generator().manual_seed(0))):
+        out = ours(idx, mask=mask, logits_at=at)
+        assert out.shape == (B, 1, ours.cfg.vocab_size)
+        assert_close(out[:, 0], full[torch.arange(B), at], "logits_at rows")
+    cache_a, cache_b = ours.new_cache(B, 12), ours.new_cache(B, 12)  # the cache is filled the same way
+    ours(idx, mask=mask, cache=cache_a, logits_at=mask.sum(-1) - 1)
+    ours(idx, mask=mask, cache=cache_b)
+    nxt = random_ids(ours.cfg, B, 1, seed=31)
+    assert_close(ours(nxt, cache=cache_a), ours(nxt, cache=cache_b), "decode after a logits_at prefill")
+
+
+def test_gradient_checkpointing_same_loss_and_grads(ours):
+    """The flag recomputes every block in backward (eval mode, as train.py runs the frozen LLM) and changes
+    neither the loss nor the gradients."""
+    idx, mask = right_padded(ours.cfg, [8, 6])
+    calls = []
+    for block in ours.model.layers:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # the recompute may stop early
+    results = []
+    for flag in (False, True):
+        ours.gradient_checkpointing, calls[:] = flag, []
+        embeds = ours.embed(idx).detach().requires_grad_()
+        with torch.enable_grad():
+            logits = ours(embeds=embeds, mask=mask)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+            loss.backward()
+        results.append((loss.detach(), embeds.grad, ours.lm_head.weight.grad.clone()))
+        ours.zero_grad()
+        assert len(calls) == ours.cfg.n_layers * (2 if flag else 1)  # recomputed in backward
+    for name, a, b in zip(["loss", "input grad", "lm_head grad"], *results):
+        assert_close(b, a, name)
+    calls[:] = []
+    ours(idx, mask=mask)  # no grad (this module's fixture): the flag does nothing
+    assert len(calls) == ours.cfg.n_layers
+
+
+def test_sampling_matches_transformers(ours, hf):
+    """Sampling without torch.multinomial's host sync still draws what transformers draws for a seed."""
+    idx = random_ids(ours.cfg, 2, 6, seed=7)
+    kw = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ref = hf.generate(idx, max_new_tokens=12, eos_token_id=None, pad_token_id=0, **kw)[:, 6:]
+        torch.manual_seed(seed)
+        out = generate(ours, idx, max_new_tokens=12, eos_id=None, **kw)
+        assert out.ids.tolist() == ref.tolist()
 
 
 def test_batched_generation_rows_stop_independently(ours):
@@ -318,3 +376,63 @@ def test_bad_inputs(llama_dir, tmp_path):
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         Tokenizer(bad)
+
+
+def test_config_errors(llama_dir, tmp_path):
+    """Malformed config.json / params.json / index files: one CheckpointError naming the file and key."""
+    hf_cfg = json.loads((llama_dir / "config.json").read_text())
+    path = tmp_path / "config.json"
+    cases = [({"hidden_size": hf_cfg["hidden_size"]}, r"config\.json: missing key 'num_hidden_layers'"),
+             ("{not json", r"config\.json: JSONDecodeError"), ("[1, 2]", r"config\.json: AttributeError"),
+             (dict(hf_cfg, num_attention_heads=hf_cfg["hidden_size"] + 1),
+              r"config\.json: .*dim \d+ is not divisible by n_heads \d+")]
+    for content, message in cases:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(CheckpointError, match=message):
+            LlamaConfig.from_hf(path)
+    folder = copy_without(llama_dir, tmp_path / "bad_config", "pytorch_model.bin")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"bad_config/llama/config\.json: JSONDecodeError"):
+        Llama.from_pretrained(folder)
+
+    folder = copy_without(llama_dir, tmp_path / "bad_index", "pytorch_model.bin")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    for content, message in [("{oops", "JSONDecodeError"), ("{}", "missing key 'weight_map'")]:
+        (folder / "model.safetensors.index.json").write_text(content)
+        with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: " + message):
+            Llama.from_pretrained(folder)
+
+    params = tmp_path / "params.json"
+    for content, message in [("{oops", "JSONDecodeError"), (json.dumps({"n_layers": 2}), "missing key 'dim'")]:
+        params.write_text(content)
+        with pytest.raises(CheckpointError, match=r"params\.json: " + message):
+            LlamaConfig.from_meta(params, vocab_size=hf_cfg["vocab_size"])
+
+
+def test_config_value_errors(ours):
+    c = ours.cfg
+    with pytest.raises(ValueError, match=rf"dim {c.dim} is not divisible by n_heads {c.dim + 1}"):
+        LlamaConfig(dim=c.dim, n_heads=c.dim + 1)
+    with pytest.raises(ValueError, match=rf"n_heads {c.n_heads} is not divisible by n_kv_heads {c.n_heads + 1}"):
+        LlamaConfig(dim=c.dim, n_heads=c.n_heads, n_kv_heads=c.n_heads + 1)
+    with pytest.raises(ValueError, match="unknown LLaMA preset 'nope'.*vicuna-7b.*tiny"):
+        LlamaConfig.from_name("nope")
+
+
+def test_json_files_are_closed(llama_dir, tmp_path):
+    """Every JSON read closes its file (an unclosed one warns ResourceWarning when collected)."""
+    import gc
+    import warnings
+    folder = copy_without(llama_dir, tmp_path, "pytorch_model.bin")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    sd_keys = json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}})
+    (folder / "model.safetensors.index.json").write_text(sd_keys)
+    cfg = LlamaConfig.from_hf(folder)
+    (folder / "params.json").write_text(json.dumps(dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LlamaConfig.from_hf(folder)
+        LlamaConfig.from_meta(folder / "params.json", vocab_size=cfg.vocab_size)
+        Llama.from_pretrained(folder)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

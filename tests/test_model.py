@@ -46,7 +46,7 @@ def test_chat_kv_cache_equals_full_history(model, ref_dir):
         for q in ["What is in this image?", "And what colour is it?", "Why?"]:
             chat.ask(q)
             chat.answer()
-            logits, L = full_history_logits(chat)  # the whole history re-embedded (the original's way)
+            logits, L = full_history_logits(chat)  # the same token history re-embedded in one forward
             assert_close(chat.last.scores[:, 0], logits, "kept-cache logits vs full history")
             assert logits.argmax(-1).tolist() == chat.messages[-1]["ids"]
     finally:
@@ -101,33 +101,65 @@ def test_batch_matches_each_alone(model, ref_dir):
     assert stopped.lengths[0] <= 3 and stopped.lengths[1] == 10
 
 
-@pytest.mark.parametrize("case", ["plain", "eos_often", "penalties", "batch"])
-def test_beam_search_matches_transformers(ref_dir, case):
+@functools.lru_cache(maxsize=None)
+def hf_llama(ref_dir):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaForCausalLM.from_pretrained(ref_dir / "llama", dtype=torch.float32).eval()
+    return transformers.LlamaForCausalLM.from_pretrained(ref_dir / "llama", dtype=torch.float32).eval()
+
+
+def hf_generate(ref_dir, emb, **kw):
+    with torch.no_grad():
+        return hf_llama(ref_dir).generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                                          early_stopping=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("case", ["plain", "eos_often", "penalties", "batch", "start_ids_eos_early", "sampling"])
+def test_beam_search_matches_transformers(ref_dir, case):
+    """transformers 5.x given only inputs_embeds (empty input_ids). "start_ids_eos_early": the default path
+    (MiniGPT4.generate's [bos] start, transformers 4.28's convention): a finished hypothesis there is
+    [bos] + the tokens before the eos, which has as many tokens as 5.x's new tokens with the eos, so 5.x must
+    agree when eos hypotheses win (length_penalty != 1 makes an off-by-one length change the winner)."""
     m = load(ref_dir)
     ref, js = load_reference(ref_dir, "vicuna0")
-    emb = ref["chat0.context_embeds"] if case != "batch" else torch.cat([ref["chat0.context_embeds"],
-                                                                           ref["chat1.context_embeds"]])
+    emb = ref["chat0.context_embeds"] if case not in ("batch", "sampling") else \
+        torch.cat([ref["chat0.context_embeds"], ref["chat1.context_embeds"]])
     eos = m.tokenizer.eos_id
+    plain = beam_search(m.llama_model, emb[:1], None, 3, 12, tokenizer=m.tokenizer).ids[0]
     if case == "eos_often":  # pretend a token the beams meet early is eos: finished hypotheses, early stop
-        eos = beam_search(m.llama_model, emb, None, 3, 12, tokenizer=m.tokenizer).ids[0, 3].item()
+        eos = plain[3].item()
+    if case == "start_ids_eos_early":
+        eos = plain[5].item()
     kw = dict(num_beams=3, max_new_tokens=12, length_penalty=1.0, repetition_penalty=1.0)
     if case == "eos_often":
         kw.update(length_penalty=0.0)  # plain sums favour the short finished hypotheses
     if case == "penalties":
         kw.update(length_penalty=0.6, repetition_penalty=1.3)
-    with torch.no_grad():
-        out = hf.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
-                          do_sample=False, early_stopping=False, eos_token_id=eos, pad_token_id=0, **kw)
+    if case == "start_ids_eos_early":
+        kw.update(length_penalty=0.5)
+    sample = dict(do_sample=True, temperature=0.7, top_p=0.5) if case == "sampling" else dict(do_sample=False)
+    torch.manual_seed(0)
+    out = hf_generate(ref_dir, emb, eos_token_id=eos, top_k=None, **sample, **kw)
+    start = torch.full((emb.shape[0], 1), m.tokenizer.bos_id) if case == "start_ids_eos_early" else None
+    torch.manual_seed(0)
     ours = beam_search(m.llama_model, emb, None, kw["num_beams"], kw["max_new_tokens"], kw["repetition_penalty"],
-                       kw["length_penalty"], tokenizer=m.tokenizer, eos_id=eos)
-    if case == "eos_often":
-        assert ours.lengths[0] < 12
+                       kw["length_penalty"], start, tokenizer=m.tokenizer, eos_id=eos, **sample)
+    if case in ("eos_often", "start_ids_eos_early"):
+        assert ours.lengths[0] < 12 and ours.ids[0, ours.lengths[0] - 1] == eos
     for b in range(emb.shape[0]):
         n = int(ours.lengths[b])
         assert ours.ids[b, :n].tolist() == out[b, :n].tolist()
         assert (out[b, n:] == 0).all()  # HF pads after the best hypothesis
+
+
+def test_generate_default_beam_path_uses_bos_start(ref_dir, monkeypatch):
+    """MiniGPT4.generate (original=True) hands beam_search the [bos] start, sampling options and top-k 50."""
+    import model as M
+    m, got = load(ref_dir), {}
+    monkeypatch.setattr(M, "beam_search", lambda *a: got.update(args=a))
+    emb = load_reference(ref_dir, "vicuna0")[0]["chat0.context_embeds"]
+    m.generate(emb, num_beams=3, length_penalty=0.5, temperature=0.7)
+    llm, _, _, K, n, rp, lp, start, tok, stop, do_sample, temp, top_k, top_p, _ = got["args"]
+    assert start.tolist() == [[m.tokenizer.bos_id]] and (K, lp, do_sample, temp, top_k, top_p) == (3, 0.5, True, 0.7, 50, 0.9)
 
 
 def test_projection_size_mismatch(ref_dir, tmp_path):
@@ -152,6 +184,51 @@ def test_missing_weights_lists_every_file(tmp_path):
     for part in ["eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "vicuna-13b", "pretrained_minigpt4.pth",
                  "storage.googleapis.com", "huggingface.co/Vision-CAIR/vicuna"]:
         assert part in msg
+
+
+def link_fixture(ref_dir, tmp_path, names):
+    for name in names:
+        (tmp_path / name).symlink_to(ref_dir / name)
+
+
+def test_find_weights_never_pairs_the_wrong_release(ref_dir, tmp_path):
+    """A 7B folder holding the 13B release names or a Llama-2 LLM must not load them for vicuna-7b."""
+    link_fixture(ref_dir, tmp_path, ["eva_vit_g.pth", "blip2_pretrained.pth"])
+    (tmp_path / "prerained_minigpt4_7b.pth").symlink_to(ref_dir / "minigpt4_proj.pth")
+    (tmp_path / "Llama-2-7b-chat-hf").symlink_to(ref_dir / "llama")
+    with pytest.raises(MissingWeights, match="llm: .*vicuna-7b/") as e:
+        find_weights(tmp_path, "vicuna-7b")
+    assert "Llama-2" not in str(e.value)
+    (tmp_path / "vicuna").symlink_to(ref_dir / "llama")  # the 13B repo's name
+    (tmp_path / "pretrained_minigpt4.pth").symlink_to(ref_dir / "minigpt4_proj.pth")  # the 13B projection
+    with pytest.raises(MissingWeights, match="llm: .*vicuna-7b/"):
+        find_weights(tmp_path, "vicuna-7b")
+    (tmp_path / "prerained_minigpt4_7b.pth").unlink()
+    assert "proj" in str(pytest.raises(MissingWeights, find_weights, tmp_path, "vicuna-7b", llm=ref_dir / "llama").value)
+    assert find_weights(tmp_path, "vicuna-13b")["llm"] == str(tmp_path / "vicuna")
+
+
+def test_llama2_needs_no_blip2_file(ref_dir, tmp_path):
+    link_fixture(ref_dir, tmp_path, ["config.json", "eva_vit_g.pth", "minigpt4_llama2_proj.pth", "llama"])
+    paths = find_weights(tmp_path, "llama2-7b")
+    assert paths["qformer"] is None and paths["llm"] == str(tmp_path / "llama")
+    m = MiniGPT4.from_pretrained(tmp_path, "llama2")
+    assert torch.equal(m.llama_proj.weight, load(ref_dir, "llama2-7b").llama_proj.weight)
+
+
+def test_fresh_projection(ref_dir, tmp_path):
+    """proj=False: no projection file needed, nn.Linear's default init from the torch seed, fp32."""
+    link_fixture(ref_dir, tmp_path, ["config.json", "eva_vit_g.pth", "blip2_pretrained.pth", "llama"])  # no proj
+    torch.manual_seed(0)
+    m = MiniGPT4.from_pretrained(tmp_path, "vicuna-7b", proj=False, dtype=torch.bfloat16)
+    D, H = m.llama_proj.weight.shape
+    torch.manual_seed(0)
+    expect = torch.nn.Linear(H, D)
+    assert m.llama_proj.weight.dtype == torch.float32 and m.llama_model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(m.llama_proj.weight, expect.weight) and torch.equal(m.llama_proj.bias, expect.bias)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"llama_proj.weight", "llama_proj.bias"}
+    with pytest.raises(MissingWeights, match="proj"):
+        MiniGPT4.from_pretrained(tmp_path, "vicuna-7b")  # None still means "the file in the folder"
 
 
 def test_checkpoint_layout_and_round_trip(model, ref_dir, tmp_path):

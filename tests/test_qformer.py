@@ -6,17 +6,8 @@ import torch
 from conftest import assert_close
 
 from checkpoint import CheckpointError
+from model import folder_configs  # config.json `dims` -> our configs (shared with model.py)
 from qformer import QFormer, QFormerConfig
-
-
-def qformer_config(ref_config):
-    """Our config from a reference folder's config.json `dims`."""
-    d = ref_config["dims"]["qformer"]
-    return QFormerConfig(hidden_size=d["hidden_size"], n_layers=d["num_hidden_layers"],
-                         n_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
-                         norm_eps=d["layer_norm_eps"], encoder_width=d["encoder_width"],
-                         n_queries=d["num_query_token"], cross_attention_freq=d["cross_attention_freq"],
-                         cross_attention_layers=tuple(d["cross_attention_layers"]))
 
 
 def hf_config(cfg):
@@ -41,7 +32,7 @@ def to_hf(ours):
 
 
 def load_tiny(ref_dir, ref_config):
-    return QFormer.from_pretrained(ref_dir / "blip2_pretrained.pth", qformer_config(ref_config))
+    return QFormer.from_pretrained(ref_dir / "blip2_pretrained.pth", folder_configs(ref_dir)[1])
 
 
 @torch.no_grad()
@@ -78,7 +69,7 @@ def test_defaults_and_parameter_count_match_transformers():
 
 def test_ln_vision_and_text_keys_skipped(ref_dir, ref_config, tmp_path):
     """Keys of real BLIP-2 files that the query path never uses are skipped by name; the result is unchanged."""
-    cfg = qformer_config(ref_config)
+    cfg = folder_configs(ref_dir)[1]
     ckpt = torch.load(ref_dir / "blip2_pretrained.pth", weights_only=True)
     sd, H = dict(ckpt["model"]), cfg.hidden_size
     extra = {"Qformer.bert.embeddings.word_embeddings.weight": torch.zeros(10, H),
@@ -100,7 +91,7 @@ def test_ln_vision_and_text_keys_skipped(ref_dir, ref_config, tmp_path):
 
 def test_shapes_come_from_the_checkpoint(ref_dir, ref_config, capsys):
     """Config supplies heads and eps; widths, layers, queries, cross-attention layers are the file's."""
-    cfg = qformer_config(ref_config)
+    cfg = folder_configs(ref_dir)[1]
     ours, _ = QFormer.from_pretrained(ref_dir / "blip2_pretrained.pth",
                                       QFormerConfig(n_heads=cfg.n_heads, norm_eps=cfg.norm_eps))
     assert ours.config == QFormerConfig(**{**vars(cfg), "cross_attention_freq": QFormerConfig().cross_attention_freq})
@@ -108,7 +99,7 @@ def test_shapes_come_from_the_checkpoint(ref_dir, ref_config, capsys):
 
 
 def test_bad_checkpoints(ref_dir, ref_config, tmp_path):
-    cfg = qformer_config(ref_config)
+    cfg = folder_configs(ref_dir)[1]
     src = ref_dir / "blip2_pretrained.pth"
     sd = torch.load(src, weights_only=True)["model"]
     (tmp_path / "trunc.pth").write_bytes(src.read_bytes()[: src.stat().st_size // 2])

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, load_reference
-from test_qformer import qformer_config
-from test_vit import vit_config
 
+from model import folder_configs
 from qformer import QFormer
 from vit import VisionTransformer
 
@@ -24,8 +23,9 @@ REFERENCE_PNGS = ["image0_rgba.png", "image1_palette.png"]  # batch order of ref
 
 def load_vision(ref_dir, ref_config):
     """(vit, qformer, ln_vision(x)) loaded from the folder's original-format checkpoints, fp32 CPU."""
-    vit = VisionTransformer.from_pretrained(ref_dir / "eva_vit_g.pth", vit_config(ref_config))
-    qformer, ln = QFormer.from_pretrained(ref_dir / "blip2_pretrained.pth", qformer_config(ref_config))
+    vit_cfg, qf_cfg, _ = folder_configs(ref_dir)
+    vit = VisionTransformer.from_pretrained(ref_dir / "eva_vit_g.pth", vit_cfg)
+    qformer, ln = QFormer.from_pretrained(ref_dir / "blip2_pretrained.pth", qf_cfg)
     eps = ref_config["dims"]["ln_vision"]["eps"]
     return vit, qformer, lambda x: F.layer_norm(x.float(), x.shape[-1:], ln["weight"], ln["bias"], eps)
 

@@ -88,3 +88,63 @@ def test_bad_input_one_clear_line(ref_dir, tmp_path, capsys, case):
     assert rc != 0 and out == ""
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expect in lines[0], err
+
+
+def one_error_line(capsys):
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert out == "" and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--device", "foo"], "--device foo"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--num-beams", "0"], "--num-beams must be >= 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_bad_options_one_clear_line(ref_dir, capsys, args, expect):
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir), "--prompt", QUESTION]
+                     + args)
+    assert rc != 0 and expect in one_error_line(capsys)
+
+
+def test_malformed_llm_config_one_clear_line(ref_dir, tmp_path, capsys):
+    for p in ref_dir.iterdir():
+        if p.name != "llama":
+            (tmp_path / p.name).symlink_to(p)
+    (tmp_path / "llama").mkdir()
+    for p in (ref_dir / "llama").iterdir():
+        (tmp_path / "llama" / p.name).symlink_to(p)
+    (tmp_path / "llama" / "config.json").unlink()
+    (tmp_path / "llama" / "config.json").write_text("{not json")
+    rc = sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(tmp_path), "--prompt", QUESTION])
+    assert rc != 0
+    one_error_line(capsys)
+
+
+def test_seed_reproduces_sampling(ref_dir, capsys):
+    argv = ["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir), "--prompt", QUESTION,
+            "--max-new-tokens", "8", "--seed", "3"]
+    answers = [(sample.main(argv), capsys.readouterr().out)[1] for _ in range(2)]
+    assert answers[0] == answers[1]
+    assert sample.parse_args([]).seed is None  # default: a fresh seed each run, as the original demo
+
+
+def test_interactive_commands(ref_dir, capsys, monkeypatch):
+    """Unknown /commands print the help (never reach the model); /image BADPATH keeps the conversation."""
+    import io
+    image, answer, _ = reference_answer(ref_dir, "reference")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/help\n/image {ref_dir / 'nope.png'}\n{QUESTION}\n/quit\n"))
+    asked = []
+    monkeypatch.setattr(sample.Chat, "ask", lambda self, text, orig=sample.Chat.ask: asked.append(text) or orig(self, text))
+    rc = sample.main(["--image", str(ref_dir / image), "--weights", str(ref_dir), "--greedy", "--max-new-tokens", "20"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and asked == [QUESTION]
+    assert err.count(sample.HELP) == 2 and "nope.png" in err and "new conversation" not in err
+    assert out.strip() == answer  # the image survived the bad /image: same answer as a fresh chat about it

@@ -7,14 +7,8 @@ import torch.nn as nn
 from conftest import assert_close, load_reference
 
 from checkpoint import CheckpointError
+from model import folder_configs  # config.json `dims` -> our configs (shared with model.py)
 from vit import ViTConfig, VisionTransformer
-
-
-def vit_config(ref_config):
-    """Our config from a reference folder's config.json `dims`."""
-    d = ref_config["dims"]["vit"]
-    return ViTConfig(img_size=d["img_size"], patch_size=d["patch_size"], width=d["embed_dim"], depth=d["depth"],
-                     n_heads=d["num_heads"], mlp_hidden=d["mlp_hidden"], norm_eps=d["norm_eps"])
 
 
 def hf_config(cfg):
@@ -44,7 +38,7 @@ def to_hf(ours):
 
 
 def load_tiny(ref_dir, ref_config):
-    return VisionTransformer.from_pretrained(ref_dir / "eva_vit_g.pth", vit_config(ref_config))
+    return VisionTransformer.from_pretrained(ref_dir / "eva_vit_g.pth", folder_configs(ref_dir)[0])
 
 
 @torch.no_grad()
@@ -99,7 +93,7 @@ def test_defaults_and_parameter_count_match_transformers():
 
 @torch.no_grad()
 def test_bf16_weights_fp32_norms(ref_dir, ref_config):
-    vit = VisionTransformer.from_pretrained(ref_dir / "eva_vit_g.pth", vit_config(ref_config), dtype=torch.bfloat16)
+    vit = VisionTransformer.from_pretrained(ref_dir / "eva_vit_g.pth", folder_configs(ref_dir)[0], dtype=torch.bfloat16)
     for name, p in vit.named_parameters():
         want = torch.bfloat16 if re.search(r"(qkv|proj|fc\d)\.(weight|bias)$", name) else torch.float32
         assert p.dtype == want, name
@@ -110,7 +104,7 @@ def test_bf16_weights_fp32_norms(ref_dir, ref_config):
 
 
 def test_extra_block_dropped(ref_dir, ref_config, tmp_path, capsys):
-    cfg = vit_config(ref_config)
+    cfg = folder_configs(ref_dir)[0]
     sd = torch.load(ref_dir / "eva_vit_g.pth", weights_only=True)
     last = cfg.depth - 1
     sd.update({k.replace(f"blocks.{last}.", f"blocks.{cfg.depth}."): v.clone()
@@ -159,7 +153,7 @@ def bad_files(ref_dir, cfg, tmp_path):
 
 
 def test_bad_checkpoints(ref_dir, ref_config, tmp_path):
-    cfg = vit_config(ref_config)
+    cfg = folder_configs(ref_dir)[0]
     for name, path, expect in bad_files(ref_dir, cfg, tmp_path):
         with pytest.raises(CheckpointError) as e:
             VisionTransformer.from_pretrained(path, cfg)
@@ -169,7 +163,7 @@ def test_bad_checkpoints(ref_dir, ref_config, tmp_path):
 
 def test_shapes_come_from_the_checkpoint(ref_dir, ref_config, capsys):
     """Config supplies heads, eps and depth; widths and sizes are the file's (a differing config value is logged)."""
-    cfg = vit_config(ref_config)
+    cfg = folder_configs(ref_dir)[0]
     vit = VisionTransformer.from_pretrained(ref_dir / "eva_vit_g.pth", ViTConfig(n_heads=cfg.n_heads, depth=cfg.depth,
                                                                                  norm_eps=cfg.norm_eps))
     assert vit.config == cfg
