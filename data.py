@@ -3,7 +3,18 @@ the caption clean-up, and a command that packs your own images into shards:
 
     python data.py pack IMAGES_DIR CAPTIONS OUT_DIR --shard-size 1000 [--resize 224]
 """
-import argparse, csv, glob as globlib, io, json, math, os, random, re, sys, tarfile, warnings
+import argparse
+import csv
+import glob as globlib
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import tarfile
+import warnings
 
 import numpy as np
 import torch
@@ -150,17 +161,6 @@ def read_tar(path):
         yield key, rec
 
 
-def mix(iterators, weights, rng):
-    """Interleave iterators, drawing from iterator i with probability ∝ weights[i]; exhausted ones drop out."""
-    its, ws = list(iterators), list(weights)
-    while its:
-        i = rng.choices(range(len(its)), ws)[0]
-        try:
-            yield next(its[i])
-        except StopIteration:
-            del its[i], ws[i]
-
-
 def shuffle_buffer(items, size, rng):
     """Approximate shuffle with a buffer of `size` items (webdataset-style); size <= 1 keeps the order."""
     buf = []
@@ -186,54 +186,53 @@ def _bad(key, error):  # a sample that collate() drops and counts
 # ----------------------------------------------------------------------------------------------------------
 # Stage 1: image-caption pairs in webdataset tar shards (img2dataset layout: KEY.jpg/.png/.webp + KEY.json
 # with "caption" or KEY.txt), as train.py uses them:
-#   ds = ShardDataset(["laion/{00000..10488}.tar", "cc_sbu/{00000..01255}.tar"], weights=[115, 14], seed=0)
+#   ds = ShardDataset("laion/{00000..10488}.tar", seed=0)
 #   loader = DataLoader(ds, batch_size=64, num_workers=4, collate_fn=collate)   # persistent_workers=False
 #   state = None                          # or, resuming: ds.load_state_dict(saved["data"]); state = saved["data"]
 #   for epoch in range(start_epoch, epochs):
 #       ds.set_epoch(epoch)
 #       for batch in loader:              # batch["image"] (B, 3, 224, 224), batch["text"] [B] cleaned captions
 #           state = track(state, batch)   # save `state` with the checkpoint (per rank: it differs by rank)
-# - Epoch: each source's shard list is shuffled with (seed, epoch) and split over the global workers
-#   (split_shards): each sample is read once per epoch. Want #shards >= world_size * num_workers (ideally a
-#   multiple); with fewer, some workers get no shard of a source (a warning): still no repeats, but those
-#   workers miss that source. Ranks can end an epoch with different batch counts: under DDP run a fixed
-#   number of steps per epoch (as the original's iters_per_epoch), not to the end of the loader.
-# - Mixing: each sample is drawn from a source with probability weight / sum (the original mixes LAION and
-#   CC/SBU 115:14, per batch; here per sample); an exhausted source drops out of the epoch. Then a shuffle
-#   buffer. All randomness comes from (seed, epoch, rank, worker), so each worker's stream is repeatable.
+# - Epoch: the shard list is shuffled with (seed, epoch) and split over the global workers (split_shards):
+#   each sample is read once per epoch. Want #shards >= world_size * num_workers (ideally a multiple); with
+#   fewer, some workers get no shard (a warning). Then a shuffle buffer. All randomness comes from (seed,
+#   epoch, rank, worker), so each worker's stream is repeatable. Ranks can end an epoch with different batch
+#   counts: under DDP run a fixed number of steps per epoch (as the original's iters_per_epoch).
+# - Several datasets (LAION + CC/SBU, 115:14): one ShardDataset and DataLoader each; train.py draws the
+#   source of each BATCH with the ratio, as the original's MultiIterLoader (so a batch holds one dataset).
 # - Bad samples (corrupt/truncated/missing image, no caption, broken shard) become {"image": None, "error"}
-#   items; `collate` drops and counts them (batch["skipped"], batch["errors"]); never a zero-filled sample.
-#   A batch may thus hold fewer than batch_size samples, even none (skip it). ds.skipped counts per process.
-# - Resume: each sample carries (epoch, worker, position = records this worker has read); track() keeps the
-#   last position per worker; load_state_dict() makes every worker replay its stream without decoding up to
-#   there, so the run continues exactly (same world_size and num_workers required, checked).
+#   items; `collate` drops and counts them (batch["skipped"], batch["errors"]: the only count, as the
+#   samples are decoded in the worker processes); never a zero-filled sample. A batch may thus hold fewer
+#   than batch_size samples, even none (skip it).
+# - Resume: each sample carries (epoch, worker, position = records this worker's stream has read); track()
+#   keeps the last position per stream and which stream's turn is next. A DataLoader takes its workers in
+#   turn from worker 0 (skipping finished ones), so after load_state_dict() DataLoader worker i reads stream
+#   (i + next) % num_workers, each stream replaying without decoding up to its position: the batches go on
+#   in exactly the same order (same world_size, num_workers and batch_size required; the first two checked).
 
 def track(state, batch):
     """The data position after `batch` (or a sample), to save with a checkpoint and load_state_dict later."""
     if state is None or state["epoch"] != batch["epoch"]:
         state = {k: batch[k] for k in ("epoch", "world_size", "num_workers")} | {"positions": {}}
     state["positions"][batch["worker"]] = batch["position"]
+    state["next"] = (batch["worker"] + 1) % batch["num_workers"]  # the stream whose turn it is
     return state
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Stage 1 pairs from tar shards. `sources`: one shard spec (expand_shards), or one per weight."""
+    """Stage 1 pairs from the tar shards of one dataset (`shards`: a spec for expand_shards)."""
 
-    def __init__(self, sources, weights=None, seed=0, shuffle=1000, size=224, train=False, max_words=50,
-                 rank=None, world_size=None):
-        sources = [sources] if weights is None else list(sources)  # one shard spec, or one per weight
-        self.sources = [expand_shards(s) for s in sources]
-        self.weights = [1.0] if weights is None else list(weights)
-        if len(self.weights) != len(self.sources) or min(self.weights) <= 0:
-            raise ValueError(f"need one positive weight per source, got {self.weights} for {len(sources)}")
+    def __init__(self, shards, seed=0, shuffle=1000, size=224, train=False, max_words=50, rank=None,
+                 world_size=None):
+        self.shards = expand_shards(shards)
         self.seed, self.shuffle, self.size, self.train, self.max_words = seed, shuffle, size, train, max_words
-        self.rank, self.world_size, self.epoch, self.resume, self.skipped = rank, world_size, 0, None, 0
+        self.rank, self.world_size, self.epoch, self.resume = rank, world_size, 0, None
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def load_state_dict(self, state):
-        """Continue from a track() state: sets the epoch; each worker skips the records it already read."""
+        """Continue from a track() state: sets the epoch; each stream skips the records it already read."""
         self.epoch, self.resume = state["epoch"], state
 
     def _records(self, shards):
@@ -264,32 +263,28 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return {"image": image, "text": text, "key": key}
 
     def stream(self, rank=0, world_size=1, worker=0, num_workers=1):
-        """The items of one worker in this epoch; deterministic given (seed, epoch, rank, worker)."""
-        its, weights = [], []
-        for s, (shards, w) in enumerate(zip(self.sources, self.weights)):
-            order = random.Random(_seed(self.seed, self.epoch, "shards", s)).sample(shards, len(shards))
-            mine = split_shards(order, rank, world_size, worker, num_workers)
-            if mine:
-                its.append(self._records(mine))
-                weights.append(w)
-            else:
-                warnings.warn(f"rank {rank} worker {worker} gets no shard of source {s} ({len(shards)} shards for "
-                              f"{world_size * num_workers} workers; want #shards >= world_size * num_workers)")
-        records = mix(its, weights, random.Random(_seed(self.seed, self.epoch, rank, worker, "mix")))
-        records = shuffle_buffer(records, self.shuffle, random.Random(_seed(self.seed, self.epoch, rank, worker)))
-        skip, saved = 0, self.resume
-        if saved is not None and saved["epoch"] == self.epoch:
+        """The items of stream `worker` in this epoch; deterministic given (seed, epoch, rank, worker)."""
+        order = random.Random(_seed(self.seed, self.epoch, "shards")).sample(self.shards, len(self.shards))
+        mine = split_shards(order, rank, world_size, worker, num_workers)
+        if not mine:
+            warnings.warn(f"rank {rank} worker {worker} gets no shard ({len(self.shards)} shards for "
+                          f"{world_size * num_workers} workers; want #shards >= world_size * num_workers)")
+        records = shuffle_buffer(self._records(mine), self.shuffle,
+                                 random.Random(_seed(self.seed, self.epoch, rank, worker)))
+        skip, saved = 0, self._saved()
+        if saved is not None:
             if (saved["world_size"], saved["num_workers"]) != (world_size, num_workers):
                 raise ValueError(f"data state saved with world_size={saved['world_size']}, num_workers="
                                  f"{saved['num_workers']}; now {world_size}, {num_workers}: use the same to resume")
             skip = {int(k): v for k, v in saved["positions"].items()}.get(worker, 0)
         for position, (key, rec) in enumerate(records, 1):
-            if position <= skip:
-                continue
-            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, rank, worker, position))
-            sample = self._decode(key, rec, g) | dict(epoch=self.epoch, world_size=world_size,
-                                                      num_workers=num_workers, worker=worker, position=position)
-            yield sample
+            if position > skip:
+                g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, rank, worker, position))
+                yield self._decode(key, rec, g) | dict(epoch=self.epoch, world_size=world_size,
+                                                       num_workers=num_workers, worker=worker, position=position)
+
+    def _saved(self):  # the resume state if it is for this epoch
+        return self.resume if self.resume is not None and self.resume["epoch"] == self.epoch else None
 
     def __iter__(self):  # rank/world: given, else torch.distributed, else RANK/WORLD_SIZE, else (0, 1)
         rank, world = self.rank, self.world_size
@@ -298,10 +293,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         elif rank is None:
             rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for sample in self.stream(rank, world or 1, worker, num_workers):
-            self.skipped += sample["image"] is None
-            yield sample
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        first = (self._saved() or {}).get("next", 0)  # resumed: DataLoader worker 0 goes on with that stream
+        return self.stream(rank, world or 1, (worker + first) % n, n)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,7 +332,7 @@ class AlignDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: expected {{'annotations': [{{'image_id', 'caption'}}, ...]}} "
                              f"({type(e).__name__}: {e})") from e
-        self.root, self.seed, self.size, self.train, self.epoch, self.skipped = root, seed, size, train, 0, 0
+        self.root, self.seed, self.size, self.train, self.epoch = root, seed, size, train, 0
         self.instructions = load_instructions(instructions)
 
     def set_epoch(self, epoch):
@@ -351,14 +345,12 @@ class AlignDataset(torch.utils.data.Dataset):
         ann = self.annotations[index]
         key, caption = str(ann.get("image_id")), ann.get("caption")
         if not isinstance(caption, str) or not caption.strip():
-            self.skipped += 1
             return _bad(key, f"{key}: no caption")
         rng = random.Random(_seed(self.seed, self.epoch, index))
         try:
             g = torch.Generator().manual_seed(rng.getrandbits(63))
             image = preprocess(os.path.join(self.root, "image", f"{key}.jpg"), self.train, self.size, g)
         except ImageError as e:
-            self.skipped += 1
             return _bad(key, str(e))
         return {"image": image, "text": caption, "instruction": rng.choice(self.instructions), "key": key}
 

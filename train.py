@@ -2,6 +2,7 @@
 Train MiniGPT-4's projection `llama_proj` (the only trained weights) with the original two-stage recipe.
 
     python train.py --stage 1 --data='laion/{00000..10488}.tar' --out_dir=out/stage1      # one GPU
+    python train.py --stage 1 --data='laion/{00000..10488}.tar:115,cc_sbu/{00000..01255}.tar:14'  # mixed per batch
     torchrun --standalone --nproc_per_node=4 train.py --stage 1 --data=...                # 4 GPUs (DDP)
     python train.py --stage 2 --data=cc_sbu_align --init=out/stage1/ckpt.pth --out_dir=out/stage2
     python train.py --stage 1 --config tiny --data=... --out_dir=out/tiny1                # CPU, seconds
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +26,6 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
@@ -42,7 +43,7 @@ class TrainConfig:
     qformer: str = ""
     llm: str = ""
     init: str = ""                  # projection to start from (stage 2: the stage-1 ckpt.pth); "" = random
-    # data: stage 1 tar shards (data.expand_shards: brace ranges, globs, ','-lists), stage 2 cc_sbu_align/
+    # data: stage 1 tar shards (brace ranges, globs, ','-lists), stage 2 cc_sbu_align/; 'A:3,B:1' mixes per batch
     data: str = ""
     max_txt_len: int = 32
     num_workers: int = 4
@@ -189,34 +190,41 @@ def save_checkpoint(path, model, optimizer, scaler, cfg, step, epoch, rngs, data
 
 
 # ------------------------------------------------------------------------------------------------- data
-class Batches:
-    """This rank's endless stream of training batches, data epoch after data epoch (the original's
-    "epochs" are step counts, so the data simply wraps around). Stage 1: data.ShardDataset (shards split
-    over ranks and workers); stage 2: data.AlignDataset with a seeded per-epoch permutation split over the
-    ranks (drop_last: no sample twice in an epoch). Bad samples are dropped by data.collate and counted in
-    `skipped`; state_dict() is the position to resume from."""
+def data_sources(spec):
+    """--data -> [(dataset, ratio)]: 'laion/{00000..10488}.tar:115,cc_sbu/{00000..01255}.tar:14' mixes two
+    datasets; without any :RATIO the whole value is one dataset (a ','-list of shards included)."""
+    pieces = [p.strip() for p in re.split(r",(?![^{]*\})", spec)]
+    found = [re.fullmatch(r"(.+):(\d+(?:\.\d*)?)", p) for p in pieces]
+    if not any(found):
+        return [(spec, 1.0)]
+    bad = [p for p, m in zip(pieces, found) if not m or float(m.group(2)) <= 0]
+    if bad:
+        raise SystemExit(f"--data: mixing datasets needs a positive :RATIO after each one; {bad[0]!r} has none")
+    return [(m.group(1), float(m.group(2))) for m in found]
 
-    def __init__(self, cfg, rank=0, world=1):
-        if not cfg.data:
-            raise SystemExit("--data is required (stage 1: tar shards, stage 2: the cc_sbu_align folder)")
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.ds = D.ShardDataset(cfg.data, seed=cfg.seed, rank=rank, world_size=world) if cfg.stage == 1 \
-            else D.AlignDataset(cfg.data, seed=cfg.seed)
+
+class Source:
+    """One dataset's endless batches on this rank, data epoch after data epoch (the original's "epochs" are
+    step counts, so the data simply wraps around). Stage 1: data.ShardDataset (shards split over ranks and
+    workers, exact resume with data.track); stage 2: data.AlignDataset with a seeded per-epoch permutation
+    split over the ranks (drop_last: no sample twice in an epoch). Batches of only bad samples are skipped."""
+
+    def __init__(self, cfg, spec, seed, rank=0, world=1):
+        self.cfg, self.spec, self.seed, self.rank, self.world = cfg, spec, seed, rank, world
+        self.ds = D.ShardDataset(spec, seed=seed, rank=rank, world_size=world) if cfg.stage == 1 \
+            else D.AlignDataset(spec, seed=seed)
         self.epoch, self.pos, self.it, self.skipped = 0, None, None, 0
 
     def _loader(self):
         self.ds.set_epoch(self.epoch)
-        ds, sampler = self.ds, None
-        if self.cfg.stage == 1:  # a resumed epoch starts with the worker whose turn it was (exact resume)
-            ds = Rotated(self.ds, self.rank, self.world, self.pos["next_worker"] if self.pos else 0)
-        else:  # a seeded permutation per epoch, each rank every world-th index
-            g = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
+        sampler = None
+        if self.cfg.stage == 2:  # a seeded permutation per epoch, each rank every world-th index
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
             n = len(self.ds) // self.world * self.world
             idx = torch.randperm(len(self.ds), generator=g)[:n][self.rank::self.world].tolist()
-            start = self.pos["batches"] * self.cfg.batch_size if self.pos else 0
-            sampler = idx[start:]
             self.pos = self.pos or {"epoch": self.epoch, "batches": 0}
-        return iter(torch.utils.data.DataLoader(ds, batch_size=self.cfg.batch_size, sampler=sampler,
+            sampler = idx[self.pos["batches"] * self.cfg.batch_size:]
+        return iter(torch.utils.data.DataLoader(self.ds, batch_size=self.cfg.batch_size, sampler=sampler,
                                                 num_workers=self.cfg.num_workers, collate_fn=D.collate))
 
     def __next__(self):
@@ -229,18 +237,17 @@ class Batches:
             except StopIteration:  # next data epoch
                 empty_epochs += 1
                 if empty_epochs > 1:
-                    raise SystemExit(f"rank {self.rank}: no usable samples in --data={self.cfg.data}") from None
+                    raise SystemExit(f"rank {self.rank}: no usable samples in --data={self.spec}") from None
                 self.epoch, self.pos, self.it = self.epoch + 1, None, None
                 continue
             if self.cfg.stage == 1:
                 self.pos = D.track(self.pos, batch)
-                self.pos["next_worker"] = (batch["worker"] + 1) % batch["num_workers"]
             else:
                 self.pos["batches"] += 1
             for e in batch["errors"][:max(0, 5 - self.skipped)]:  # the first few, then only the count
                 print(f"rank {self.rank}: skipped a bad sample: {e}", file=sys.stderr)
             self.skipped += batch["skipped"]
-            if batch["text"]:  # a batch of only bad samples is skipped
+            if batch["text"]:
                 return batch
 
     def state_dict(self):
@@ -252,25 +259,34 @@ class Batches:
             self.ds.load_state_dict(self.pos)
 
 
-class Rotated(torch.utils.data.IterableDataset):
-    """DataLoader worker i reads the ShardDataset stream of worker (i + offset) % num_workers: the loader
-    takes workers in turn from 0, and a run resumed mid-round must go on with the worker that was next."""
+class Batches:
+    """This rank's training batches from one dataset, or from several mixed PER BATCH by --data's ratios, as
+    the original's MultiIterLoader: each batch comes from one dataset, drawn with probability ratio / sum
+    (seeded by seed, rank and batch number). state_dict(): where to resume."""
 
-    def __init__(self, ds, rank, world, offset):
-        self.ds, self.rank, self.world, self.offset = ds, rank, world, offset
+    def __init__(self, cfg, rank=0, world=1):
+        if not cfg.data:
+            raise SystemExit("--data is required (stage 1: tar shards, stage 2: the cc_sbu_align folder)")
+        specs = data_sources(cfg.data)
+        self.sources = [Source(cfg, spec, cfg.seed + i, rank, world) for i, (spec, _) in enumerate(specs)]
+        self.ratios, self.seed, self.rank, self.drawn = [r for _, r in specs], cfg.seed, rank, 0
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n = (info.id, info.num_workers) if info else (0, 1)
-        return self.ds.stream(self.rank, self.world, (worker + self.offset) % n, n)
+    def pick(self, n):  # the dataset of batch n on this rank
+        return random.Random(f"{self.seed}/{self.rank}/{n}").choices(range(len(self.sources)), self.ratios)[0]
 
+    def __next__(self):
+        self.drawn += 1
+        return next(self.sources[self.pick(self.drawn - 1)])
 
-build_data = Batches  # build_data(cfg, rank=0, world=1) -> an iterator of batches
+    def state_dict(self):
+        return {"drawn": self.drawn, "sources": [s.state_dict() for s in self.sources]}
 
-
-def prompts_of(cfg, batch):
-    """Stage 1: no prompt. Stage 2: each sample's instruction (model.forward wraps it in its template)."""
-    return None if cfg.stage == 1 else batch["instruction"]
+    def load_state_dict(self, st):
+        if len(st["sources"]) != len(self.sources):
+            raise SystemExit(f"the checkpoint has {len(st['sources'])} datasets, --data {len(self.sources)}")
+        self.drawn = st["drawn"]
+        for s, saved in zip(self.sources, st["sources"]):
+            s.load_state_dict(saved)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -281,29 +297,14 @@ def build_model(cfg, device=None, dtype=None):
     from model import MiniGPT4
     device = torch.device(device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype))
-    # model.py's from_pretrained always loads a projection; stage 1 has none yet, so we hand it an existing
-    # placeholder path and skip that one load (workaround until from_pretrained accepts proj=None)
-    load = MiniGPT4.load_projection
-    if not cfg.init:
-        MiniGPT4.load_projection = lambda self, path: None
-    try:
-        model = MiniGPT4.from_pretrained(cfg.weights, cfg.model, vit=cfg.vit or None, qformer=cfg.qformer or None,
-                                         llm=cfg.llm or None, proj=cfg.init or __file__, dtype=dtype,
-                                         device=device)
-    finally:
-        MiniGPT4.load_projection = load
+    model = MiniGPT4.from_pretrained(cfg.weights, cfg.model, vit=cfg.vit or None, qformer=cfg.qformer or None,
+                                     llm=cfg.llm or None, proj=cfg.init or False, dtype=dtype, device=device)
     model.llama_proj.float()
-    if not cfg.init:
-        torch.manual_seed(cfg.seed)  # identical on every rank (DDP also broadcasts rank 0's at wrap time)
+    if not cfg.init:  # proj=False: a fresh projection; re-drawn from cfg.seed, identical on every rank
+        torch.manual_seed(cfg.seed)
         model.llama_proj.reset_parameters()
-    if cfg.grad_checkpointing:  # llama.py has no flag for it: wrap each block's forward here
-        for block in model.llama_model.model.layers:
-            block.forward = checkpointed(block.forward)
+    model.llama_model.gradient_checkpointing = cfg.grad_checkpointing
     return model.eval()  # the frozen parts run in eval mode, as in the original; llama_proj has no dropout
-
-
-def checkpointed(fn):
-    return lambda *args, **kw: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kw)
 
 
 def flop_counter(model):
@@ -326,7 +327,7 @@ def flop_counter(model):
 # ------------------------------------------------------------------------------------------------- train
 def train(cfg, batches=None):
     """Run (or, with cfg.resume, continue) training. `batches`: an iterator of collated batches replacing
-    build_data (tests feed one process the global batch of two ranks). -> {"losses": mean loss per step,
+    Batches (tests feed one process the global batch of two ranks). -> {"losses": mean loss per step,
     "state": the projection's state dict, "step", "skipped": bad samples this rank dropped}."""
     rank, world, device = setup_ddp(cfg)
     master = rank == 0
@@ -338,8 +339,7 @@ def train(cfg, batches=None):
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    own_batches = batches is None
-    batches = build_data(cfg, rank, world) if own_batches else batches
+    own_batches, batches = batches is None, Batches(cfg, rank, world) if batches is None else batches
     flops, seen = flop_counter(model), {}  # seen: the LLM's attention mask in the last forward (tokens/s, FLOPs)
     model.llama_model.register_forward_pre_hook(lambda m, a, kw: seen.update(mask=kw["mask"]), with_kwargs=True)
 
@@ -388,8 +388,8 @@ def train(cfg, batches=None):
             batch = next(batches)
             last = world == 1 or micro == cfg.grad_accum - 1  # all-reduce the gradients on the last one only
             with (contextlib.nullcontext() if last else net.no_sync()), autocast:
-                loss = net(batch["image"].to(device), batch["text"], prompts_of(cfg, batch),
-                           max_txt_len=cfg.max_txt_len)
+                loss = net(batch["image"].to(device), batch["text"], batch.get("instruction"),  # stage 1: none
+                           max_txt_len=cfg.max_txt_len)  # stage 2: model.forward wraps it in its template
             scaler.scale(loss / cfg.grad_accum).backward()
             B, mask = len(batch["text"]), seen["mask"]
             stats += torch.tensor([loss.item() / cfg.grad_accum, B, mask.sum().item(), B * flops(mask.shape[1]),
@@ -435,7 +435,7 @@ def train(cfg, batches=None):
     if log:
         log.close()
     return {"losses": losses, "state": model.trainable_state_dict(), "step": step,
-            "skipped": getattr(batches, "skipped", 0)}
+            "skipped": sum(s.skipped for s in batches.sources) if own_batches else 0}
 
 
 if __name__ == "__main__":
