@@ -29,6 +29,7 @@ import attention as A  # noqa: E402
 from checkpoint import assign, check_complete  # noqa: E402
 from llama import RMSNorm, Tokenizer, generate  # noqa: E402
 from model import IMAGE, TEMPLATES, MiniGPT4, MiniGPT4Config  # noqa: E402
+from train import device_peaks, train_flops  # noqa: E402  (MFU: the same count as train.py's log)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CHECK_TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}  # x max(1, max|ref|)
@@ -181,34 +182,7 @@ def bench_attention(args):
 TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "reference", "tiny",
                          "llama", "tokenizer.model")
 QUESTION = "Describe this image in detail. What is unusual about it, and what might happen next?"
-PEAKS = [  # (part of the device name, bf16 dense TFLOP/s, memory TB/s); the first match wins
-    ("H100 PCIe", 756, 2.0), ("H100 NVL", 835, 3.9), ("H200", 989, 4.8), ("H100", 989, 3.35), ("A100", 312, None)]
 WORDS = "a photo of the small red cat dog sitting on wooden table next to an old blue car in sunny garden".split()
-
-
-def device_peaks(name, tflops=None, tbps=None):
-    """(peak bf16 dense TFLOP/s, peak memory TB/s) of a device by name; the flags win; None = unknown."""
-    row = next((r for r in PEAKS if r[0].lower() in name.lower()), (None, None, None))
-    return tflops or row[1], tbps or row[2]
-
-
-def train_flops(vit, qf, llm, T):
-    """FLOPs of one stage-1 sample by part, T = LLM tokens (padding included). A (m, k) x (k, n) matmul is
-    2mkn; attention is 4 * Lq * Lk * D per head (QK^T and PV; causal counted in full, as nanoGPT/PaLM do).
-    Frozen parts run forward only. llama_proj: forward + weight gradient (its input needs none): 4 * nq * H * C.
-    LLM backward: activation gradients only (no weight gradients): each matmul once more (= forward), and
-    attention's 4 matmuls dQ, dK, dV, dP: 8 * T^2 * D per layer. Embedding lookups, norms, softmax: not counted."""
-    N, W = vit.grid ** 2 + 1, vit.width  # 257 image tokens
-    vit_f = vit.depth * (2 * N * (4 * W * W + 2 * W * vit.mlp_hidden) + 4 * N * N * W) \
-        + 2 * (N - 1) * 3 * vit.patch_size ** 2 * W  # blocks (qkv 3W^2 + proj W^2, MLP) + patch embedding
-    nq, H = qf.n_queries, qf.hidden_size
-    qf_f = qf.n_layers * (2 * nq * 4 * H * H + 4 * nq * nq * H + 2 * nq * 2 * H * qf.intermediate_size)
-    qf_f += len(qf.cross_attention_layers) * (2 * nq * 2 * H * H + 2 * N * 2 * qf.encoder_width * H + 4 * nq * N * H)
-    kv = llm.n_kv_heads * llm.head_dim
-    mm = llm.n_layers * (llm.dim * (2 * llm.dim + 2 * kv) + 3 * llm.dim * llm.hidden_dim) + llm.dim * llm.vocab_size
-    att = llm.n_layers * T * T * llm.dim
-    return dict(vit=vit_f, qformer=qf_f, proj=4 * nq * H * llm.dim, llm_fwd=2 * T * mm + 4 * att,
-                llm_bwd=2 * T * mm + 8 * att)
 
 
 def build_ours(cfg, device, dtype, seed=0):
@@ -411,7 +385,7 @@ def bench_e2e(args):
     for label, ours, hf, better, goal, note in rows:  # better: 1 = higher is better, -1 = lower, 0 = no speedup
         sp = f"{(ours / hf) ** better:8.2f}" if better else ""
         print(f"{label:44} {fmt(ours)} {fmt(hf)} {sp:8} {goal:>7}  {note}")
-    print("speedup = ours/transformers throughput (for times: theirs/ours); MFU counts bench.train_flops; "
+    print("speedup = ours/transformers throughput (for times: theirs/ours); MFU counts train.train_flops; "
           "bandwidth = (LLM weights + average KV cache bytes) x tokens/s")
     for b in bad:
         print(f"MISMATCH: {b}")

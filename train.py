@@ -31,13 +31,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as D
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "reference", "tiny")
-PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, for the MFU estimate
+PEAKS = [  # (part of the GPU name, bf16 dense TFLOP/s, memory TB/s), for MFU; the first match wins
+    ("H100 PCIe", 756, 2.0), ("H100 NVL", 835, 3.9), ("H200", 989, 4.8), ("H100", 989, 3.35), ("A100", 312, None)]
 
 
 @dataclass
 class TrainConfig:
     stage: int = 1
-    model: str = "vicuna-13b"       # model.py preset: vicuna-7b | vicuna-13b | llama2-7b (its stage-2 template)
+    model: str = "vicuna-7b"        # model.py preset: vicuna-7b | vicuna-13b | llama2-7b (its stage-2 template)
     weights: str = "weights"        # folder laid out as model.py's find_weights expects (vit, qformer, llm)
     vit: str = ""                   # per-file overrides of the weights folder
     qformer: str = ""
@@ -87,6 +88,10 @@ CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
 
 def parse_args(argv):
     """argv -> TrainConfig: defaults, then the --stage preset, then the --config preset, then --key=value."""
+    if {"-h", "--help"} & set(argv):
+        defaults = "\n".join(f"  --{f.name}={f.default}" for f in fields(TrainConfig))
+        print(f"{__doc__}\noptions (stage-1 defaults; --stage 2 and --config tiny change some):\n{defaults}")
+        raise SystemExit(0)
     opts, i = {}, 0
     while i < len(argv):
         if not argv[i].startswith("--"):
@@ -307,21 +312,30 @@ def build_model(cfg, device=None, dtype=None):
     return model.eval()  # the frozen parts run in eval mode, as in the original; llama_proj has no dropout
 
 
-def flop_counter(model):
-    """-> f(T): approximate FLOPs to train on one sample with T LLM tokens (padding included). Frozen forwards
-    cost 2*N*tokens: the ViT on its 257 tokens (+ attention 4*L*257^2*W), the Q-Former on its queries (its
-    cross-attention over the image tokens ignored: <1% of the ViT). llama_proj forward+backward: 6*N*nq. The
-    LLM forward (2*N*T + 4*L*T^2*D) plus the backward through its activations only, no weight gradients
-    (2*N*T for the matmuls, 8*L*T^2*D for attention). N counts Linear/Conv weights, not embedding tables."""
-    def n(m):
-        return sum(x.weight.numel() for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d)))
-    v, llm, qf = model.visual_encoder, model.llama_model, model.Qformer
-    Nv = v.pos_embed.shape[1]  # 257 image tokens
-    nq = qf.config.n_queries if qf is not None else (Nv - 1) // model.cfg.group
-    image = 2 * n(v) * Nv + 4 * len(v.blocks) * Nv ** 2 * v.config.width + (2 * n(qf) * nq if qf else 0)
-    image += 6 * model.llama_proj.weight.numel() * nq
-    N, L, D = n(llm), llm.cfg.n_layers, llm.cfg.dim
-    return lambda T: image + 4 * N * T + 12 * L * T ** 2 * D
+def train_flops(vit, qf, llm, T, group=4):
+    """FLOPs of one training sample by part (T: LLM tokens with padding; qf None: llama2). Matmul (m,k)x(k,n):
+    2mkn; attention 4*Lq*Lk*D per head, causal counted in full. Frozen parts: forward only. llama_proj: forward
+    + weight grad. LLM backward: activation grads only (matmuls once more, attention 8*T^2*D per layer)."""
+    N, W = vit.grid ** 2 + 1, vit.width  # 257 image tokens
+    vit_f = vit.depth * (2 * N * (4 * W * W + 2 * W * vit.mlp_hidden) + 4 * N * N * W) \
+        + 2 * (N - 1) * 3 * vit.patch_size ** 2 * W  # blocks (qkv 3W^2 + proj W^2, MLP) + patch embedding
+    if qf is None:
+        nq, H, qf_f = (N - 1) // group, W * group, 0
+    else:
+        nq, H = qf.n_queries, qf.hidden_size
+        qf_f = qf.n_layers * (2 * nq * 4 * H * H + 4 * nq * nq * H + 2 * nq * 2 * H * qf.intermediate_size)
+        qf_f += len(qf.cross_attention_layers) * (2 * nq * 2 * H * H + 2 * N * 2 * qf.encoder_width * H + 4 * nq * N * H)
+    kv = llm.n_kv_heads * llm.head_dim
+    mm = llm.n_layers * (llm.dim * (2 * llm.dim + 2 * kv) + 3 * llm.dim * llm.hidden_dim) + llm.dim * llm.vocab_size
+    att = llm.n_layers * T * T * llm.dim
+    return dict(vit=vit_f, qformer=qf_f, proj=4 * nq * H * llm.dim, llm_fwd=2 * T * mm + 4 * att,
+                llm_bwd=2 * T * mm + 8 * att)
+
+
+def device_peaks(name, tflops=None, tbps=None):
+    """(peak bf16 dense TFLOP/s, peak memory TB/s) of a GPU by name; the arguments win; None = unknown."""
+    row = next((r for r in PEAKS if r[0].lower() in name.lower()), (None, None, None))
+    return tflops or row[1], tbps or row[2]
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -340,7 +354,7 @@ def train(cfg, batches=None):
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     own_batches, batches = batches is None, Batches(cfg, rank, world) if batches is None else batches
-    flops, seen = flop_counter(model), {}  # seen: the LLM's attention mask in the last forward (tokens/s, FLOPs)
+    seen = {}  # the LLM's attention mask in the last forward (tokens/s, FLOPs)
     model.llama_model.register_forward_pre_hook(lambda m, a, kw: seen.update(mask=kw["mask"]), with_kwargs=True)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -372,8 +386,10 @@ def train(cfg, batches=None):
 
     end = min(cfg.stop_step or cfg.max_epoch * cfg.iters_per_epoch, cfg.max_epoch * cfg.iters_per_epoch)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-    peak = cfg.peak_flops or next((v for k, v in PEAK.items() if device.type == "cuda" and
-                                   k in torch.cuda.get_device_name(device)), 0.0)  # one GPU's FLOP/s
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = cfg.peak_flops or 1e12 * (device_peaks(gpu)[0] or 0)  # one GPU's bf16 FLOP/s (0: no MFU)
+    parts = model.cfg.vit, model.Qformer and model.Qformer.config, model.llama_model.cfg
+    flops = lambda T: sum(train_flops(*parts, T, model.cfg.group).values())  # noqa: E731  per sample
     t0, t_start, step0, skipped = time.time(), time.time(), step, 0
     meter = torch.zeros(6, dtype=torch.float64)  # this log interval: loss sum, samples, tokens, FLOPs, -, steps
     if master:

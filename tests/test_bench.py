@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, assert_close
 
 _interpret = os.environ.get("TRITON_INTERPRET")
+from train import device_peaks, train_flops  # noqa: E402
 import bench  # noqa: E402  (on CPU it sets TRITON_INTERPRET=1 for its --attention section: not for the other tests)
 if _interpret is None:
     os.environ.pop("TRITON_INTERPRET", None)
@@ -37,13 +38,13 @@ def test_e2e_cpu_smoke():
 
 
 def test_device_peaks():
-    assert bench.device_peaks("NVIDIA H100 80GB HBM3") == (989, 3.35)
-    assert bench.device_peaks("NVIDIA H200") == (989, 4.8)
-    assert bench.device_peaks("NVIDIA H100 PCIe")[0] == 756
-    assert bench.device_peaks("NVIDIA A100-SXM4-80GB") == (312, None)
-    assert bench.device_peaks("Tesla T4") == (None, None)
-    assert bench.device_peaks("Tesla T4", tflops=65, tbps=0.3) == (65, 0.3)
-    assert bench.device_peaks("NVIDIA H200", tbps=5.0) == (989, 5.0)
+    assert device_peaks("NVIDIA H100 80GB HBM3") == (989, 3.35)
+    assert device_peaks("NVIDIA H200") == (989, 4.8)
+    assert device_peaks("NVIDIA H100 PCIe")[0] == 756
+    assert device_peaks("NVIDIA A100-SXM4-80GB") == (312, None)
+    assert device_peaks("Tesla T4") == (None, None)
+    assert device_peaks("Tesla T4", tflops=65, tbps=0.3) == (65, 0.3)
+    assert device_peaks("NVIDIA H200", tbps=5.0) == (989, 5.0)
 
 
 def naive_attention(q, k, v, causal=False, mask=None, backend=None):
@@ -57,7 +58,7 @@ def naive_attention(q, k, v, causal=False, mask=None, backend=None):
 
 
 def test_train_flops_match_flop_counter(tiny, monkeypatch):
-    """bench.train_flops on the tiny config == what FlopCounterMode counts in a real stage-1 step (forward of
+    """train_flops on the tiny config == what FlopCounterMode counts in a real stage-1 step (forward of
     everything, backward to llama_proj), matmul/conv by matmul/conv, with attention as plain matmuls."""
     from torch.utils.flop_counter import FlopCounterMode
     import llama
@@ -75,7 +76,7 @@ def test_train_flops_match_flop_counter(tiny, monkeypatch):
     counted = fc.get_total_flops()
     with torch.no_grad():
         T = m.build_inputs(m.encode_img(pixels)[0], texts, max_txt_len=32)[1].shape[1]
-    parts = bench.train_flops(m.cfg.vit, m.cfg.qformer, m.llama_model.cfg, T)
+    parts = train_flops(m.cfg.vit, m.cfg.qformer, m.llama_model.cfg, T)
     assert B * sum(parts.values()) == counted, (parts, T, counted)
     # the parts on their own: the image side alone (forward only, no grad)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -93,7 +94,7 @@ def test_train_flops_7b_magnitude():
     with torch.device("meta"):
         n = sum(p.numel() for k, p in Llama(c).named_parameters() if "norm" not in k and "embed" not in k)
     T = 65
-    p = bench.train_flops(ViTConfig(), QFormerConfig(), c, T)
+    p = train_flops(ViTConfig(), QFormerConfig(), c, T)
     assert p["llm_fwd"] - 4 * c.n_layers * T * T * c.dim == 2 * n * T
     assert p["llm_bwd"] - p["llm_fwd"] == 4 * c.n_layers * T * T * c.dim
     assert 0.45e12 < p["vit"] < 0.55e12  # ~1B parameters x 257 tokens x 2
