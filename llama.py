@@ -1,7 +1,6 @@
-"""LLaMA / Vicuna / Llama-2 in one file: config, model with a KV cache, checkpoint loading (HF and Meta
-formats), the sentencepiece tokenizer, and generation (greedy / sampling, HF-compatible processors).
-Module names are the HF checkpoint keys, so an HF folder loads as an identity; Meta's consolidated.*.pth
-go through one rename table and one q/k permutation (we use HF's rotate-half RoPE convention)."""
+"""LLaMA / Vicuna / Llama-2 in one file: config, model with a KV cache, loading (HF and Meta formats), the
+sentencepiece tokenizer and generation. Module names are the HF checkpoint keys, so an HF folder loads as an
+identity; Meta's consolidated.*.pth go through one rename table and one q/k permutation (HF's RoPE layout)."""
 import glob
 import json
 import math
@@ -38,10 +37,7 @@ class LlamaConfig:
         for a, b in [("dim", "n_heads"), ("n_heads", "n_kv_heads")]:
             if getattr(self, a) % getattr(self, b):
                 raise ValueError(f"LlamaConfig: {a} {getattr(self, a)} is not divisible by {b} {getattr(self, b)}")
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
+        self.head_dim = self.dim // self.n_heads  # derived, not a field
 
     @classmethod
     def from_name(cls, name):
@@ -53,8 +49,6 @@ class LlamaConfig:
     def from_hf(cls, path):
         """HF `config.json` (or the folder holding it) -> LlamaConfig."""
         path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(path):
-            raise CheckpointError(f"config not found: {path}")
         with json_errors(path), open(path) as f:
             c = json.load(f)
             rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
@@ -80,12 +74,12 @@ class LlamaConfig:
 
 @contextmanager
 def json_errors(path):
-    """Invalid JSON, a missing key or a bad value inside -> one CheckpointError naming `path` (and the key)."""
+    """A missing or invalid JSON file, a missing key or a bad value -> one CheckpointError naming `path`."""
     try:
         yield
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e}") from None
-    except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: {first_line(e)}") from None
 
 
@@ -169,8 +163,7 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values (n_layers, B, Hkv, max_len, D), a key-valid mask (B, max_len) and an int
-    write position `pos`: slots [0, pos) are filled; pad slots (valid False) are never attended."""
+    """Keys, values (n_layers, B, Hkv, max_len, D), key-valid mask (B, max_len); slots [0, pos) are filled."""
 
     def __init__(self, cfg, batch_size, max_len, dtype, device):
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -213,11 +206,10 @@ class Llama(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
 
     def forward(self, idx=None, embeds=None, mask=None, positions=None, cache=None, logits_at=None):
-        """idx (B, T) ids or embeds (B, T, C); mask (B, T) 1 = real, 0 = pad (for the new tokens);
-        positions (B, T), default = number of real tokens before each token (cache included), so
-        right-padded rows continue at the right place. Appends to `cache` if given. -> fp32 logits (B, T, V);
-        with logits_at (B,) long, only row b's position logits_at[b]: (B, 1, V) (generation needs only the last
-        real tokens). `gradient_checkpointing` + grad enabled (even in eval mode): blocks recomputed in backward."""
+        """idx (B, T) ids or embeds (B, T, C); mask (B, T) 1 = real, 0 = pad (the new tokens); positions (B, T)
+        default to the number of real tokens before each token, cache included. Appends to `cache` if given.
+        -> fp32 logits (B, T, V), or (N, V) at the N True positions of logits_at (B, T) bool, row-major.
+        `gradient_checkpointing` with grad enabled (even in eval mode): blocks recomputed in backward."""
         x = self.embed(idx) if embeds is None else embeds
         B, T, _ = x.shape
         key_mask = None if mask is None else mask.bool()  # None: all real (lets SDPA use its causal path)
@@ -238,9 +230,9 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, key_mask, cache, i)
         if cache is not None:
             cache.pos += T
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
-        return self.lm_head(self.model.norm(x)).float()  # (B, T or 1, V), fp32 whatever the model dtype
+        if logits_at is not None:  # the LM head only where logits are needed
+            x = x[logits_at]  # (N, C)
+        return self.lm_head(self.model.norm(x)).float()  # fp32 whatever the model dtype
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
@@ -304,22 +296,15 @@ META_TO_HF = {
 }
 
 
-def meta_to_hf_permute(w, n_heads):
-    """q/k rows: Meta's interleaved RoPE pairs (2i, 2i+1) -> HF rotate-half pairs (i, i + D/2), per head."""
-    out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
-
-
 def meta_items(folder):
     """Meta folder -> (config, iterator of (HF key, tensor)); MP shards (13B: 2) are concatenated."""
     paths = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
     if not paths:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth")
     shards = [read_checkpoint(p) for p in paths]  # mmap'ed: tensors stay on disk until used
-    emb = shards[0].get("tok_embeddings.weight")
-    if emb is None:
+    if "tok_embeddings.weight" not in shards[0]:
         raise CheckpointError(f"{paths[0]}: missing key tok_embeddings.weight")
-    cfg = LlamaConfig.from_meta(os.path.join(folder, "params.json"), vocab_size=emb.shape[0])
+    cfg = LlamaConfig.from_meta(os.path.join(folder, "params.json"), shards[0]["tok_embeddings.weight"].shape[0])
 
     def items():
         for key in shards[0]:
@@ -334,27 +319,25 @@ def meta_items(folder):
                 raise CheckpointError(f"key {key} missing from one of {paths}")
             parts = [s[key] for s in shards]
             w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-            if name in ("attention.wq.weight", "attention.wk.weight"):
-                w = meta_to_hf_permute(w, cfg.n_heads if name == "attention.wq.weight" else cfg.n_kv_heads)
+            if name in ("attention.wq.weight", "attention.wk.weight"):  # RoPE pairs (2i, 2i+1) -> HF's (i, i+D/2)
+                n = cfg.n_heads if name == "attention.wq.weight" else cfg.n_kv_heads
+                w = w.view(n, w.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)  # per head
             yield hf, w
     return cfg, items()
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 class Tokenizer:
-    """sentencepiece LLaMA tokenizer with the slow-HF (transformers 4.28-4.30) rules: a literal "<s>",
-    "</s>" or "<unk>" in the text becomes its id, and every text segment between them is encoded on its own
-    (so it gets sentencepiece's leading "▁"). pad_id: the model's pad piece, else unk (0), as HF configs do."""
+    """sentencepiece with slow HF's rules (transformers 4.28-4.30): a literal "<s>", "</s>" or "<unk>" becomes
+    its id; the text between them is encoded piece by piece (each gets a leading "▁"). pad_id: pad, else unk."""
 
     def __init__(self, path):
         import sentencepiece as spm
         path = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else str(path)
-        if not os.path.isfile(path):
-            raise ValueError(f"tokenizer not found: {path}")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
-        except Exception:
-            raise ValueError(f"{path}: not a sentencepiece model") from None
+        except Exception:  # missing or unreadable file
+            raise ValueError(f"{path}: missing or not a sentencepiece model") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk_id
@@ -374,9 +357,9 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------------------------- generation
 def process_logits(logits, seen=None, repetition_penalty=1.0, do_sample=False, temperature=1.0, top_k=None,
-                   top_p=None):
-    """HF's processors in HF's order: repetition penalty on `seen` ids (B, V) bool; then, only when
-    sampling, temperature, top-k, top-p (removed ids -> -inf). logits (B, V) fp32 -> scores (B, V)."""
+                   top_p=None, min_keep=1):
+    """HF's processors in HF's order: repetition penalty on `seen` ids (B, V) bool; then, only when sampling,
+    temperature, top-k, top-p (removed ids -> -inf, min_keep ids kept: beam search keeps 2). (B, V) -> (B, V)"""
     if repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -385,37 +368,40 @@ def process_logits(logits, seen=None, repetition_penalty=1.0, do_sample=False, t
     if temperature != 1.0:
         logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        kth = torch.topk(logits, min(max(top_k, min_keep), logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)
         remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        remove[..., -1:] = False  # keep at least one
+        remove[..., -min_keep:] = False
         logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
     return logits
 
 
 class _RowText:
-    """Text of one row as it grows: cut at the first stop string; `delta()` returns only what is final
-    (holds back an incomplete multi-byte char and anything that could still start a stop string)."""
+    """Text of row `row` as it grows, cut at the first stop string. Streams to on_text(row, delta) only what is
+    final: holds back an incomplete multi-byte char and anything that could still start a stop string."""
 
-    def __init__(self, tok, stop_strings):
-        self.tok, self.stops, self.ids, self.sent, self.text, self.stopped = tok, stop_strings, [], 0, "", False
+    def __init__(self, tok, stops, on_text, row):
+        self.tok, self.stops, self.on_text, self.row = tok, stops, on_text, row
+        self.ids, self.sent, self.text, self.stopped = [], 0, "", False
 
     def push(self, token):
         self.ids.append(token)
         full = self.tok.decode(self.ids)
         cuts = [full.find(s) for s in self.stops if s in full]
         self.text, self.stopped = full[:min(cuts, default=len(full))], bool(cuts)
+        self.stream(final=self.stopped)
 
-    def delta(self, final=False):
-        text, end = self.text, len(self.text)
-        if not final and not self.stopped:
-            end = len(text.rstrip("\ufffd"))  # maybe an incomplete UTF-8 sequence
+    def stream(self, final=False):
+        end = len(self.text)
+        if not final:
+            end = len(self.text.rstrip("\ufffd"))  # maybe an incomplete UTF-8 sequence
             for s in self.stops:  # hold a suffix that may become a stop string
-                end -= max([n for n in range(1, len(s)) if text[:end].endswith(s[:n])], default=0)
-        out, self.sent = text[self.sent:max(end, self.sent)], max(end, self.sent)
-        return out
+                end -= max([n for n in range(1, len(s)) if self.text[:end].endswith(s[:n])], default=0)
+        if self.on_text is not None and end > self.sent:
+            self.on_text(self.row, self.text[self.sent:end])
+        self.sent = max(self.sent, end)
 
 
 @dataclass
@@ -431,14 +417,11 @@ class Generation:
 def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, repetition_penalty=1.0, penalty_ids=None, eos_id=2, pad_id=0, stop=(),
              tokenizer=None, on_text=None, cache=None, return_scores=False, generator=None, check_every=8):
-    """Decode up to max_new_tokens from ids `idx` (B, T) or `embeds` (B, T, C), right-padded by `mask`.
-    HF semantics: greedy unless do_sample; repetition penalty on every id in a running `input_ids` list,
-    seeded with `penalty_ids` (B, S) (default: the real ids of `idx`; HF seeds [[bos]] for embeds-only).
-    stop: token-id lists and/or strings (strings need `tokenizer`); rows stop independently.
-    on_text(row, delta): streamed text (needs `tokenizer`); the deltas of a row join to `texts[row]`.
-    cache: a KVCache that may hold a conversation prefix. On return it holds prefix + prompt + every
-    generated token of each row EXCEPT its last one (the eos / last stop token / last sampled token) which
-    was never fed; slots after a row finished are pad slots (valid False), harmless for later calls."""
+    """Decode from ids `idx` (B, T) or `embeds` (B, T, C), right-padded by `mask`, as HF does: greedy unless
+    do_sample; repetition penalty on a running `input_ids` seeded with `penalty_ids` (B, S) (default: idx's
+    real ids; HF seeds [[bos]] for embeds). stop: token-id lists and/or strings (need `tokenizer`); rows stop
+    on their own. on_text(row, delta): streamed text, the deltas join to texts[row]. cache: may hold a prefix;
+    on return it holds prefix + prompt + each row's tokens but its last (never fed), then pad slots."""
     x = model.embed(idx) if embeds is None else embeds
     (B, T, _), dev = x.shape, x.device
     mask = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
@@ -452,9 +435,10 @@ def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_samp
         seen.scatter_(1, torch.as_tensor(penalty_ids, device=dev).view(B, -1), True)
     id_stops = [torch.tensor(s, device=dev) for s in stop if not isinstance(s, str)]
     str_stops = [s for s in stop if isinstance(s, str)]
-    rows = [_RowText(tokenizer, str_stops) for _ in range(B)] if tokenizer is not None else None
+    rows = [_RowText(tokenizer, str_stops, on_text, b) for b in range(B)] if tokenizer is not None else None
 
-    logits = model(embeds=x, mask=mask, cache=cache, logits_at=mask.sum(-1) - 1)[:, 0]  # (B, V): last real tokens
+    last = torch.arange(T, device=dev) == mask.sum(-1, keepdim=True) - 1  # (B, T): each row's last real token
+    logits = model(embeds=x, mask=mask, cache=cache, logits_at=last)  # (B, V)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -474,20 +458,16 @@ def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_samp
             if t + 1 >= len(s):
                 done |= (out[:, t + 1 - len(s):t + 1] == s).all(-1)
         if rows is not None:  # text work: the tokens go to the host every step
-            toks, fin = tok.tolist(), finished.tolist()
-            for b, row in enumerate(rows):
-                if not fin[b]:
-                    row.push(toks[b])
-                    done[b] |= row.stopped
-                    if on_text is not None and (d := row.delta()):
-                        on_text(b, d)
+            for row, token, fin in zip(rows, tok.tolist(), finished.tolist()):
+                if not fin:
+                    row.push(token)
+                    done[row.row] |= row.stopped
         finished |= done
         if t == max_new_tokens - 1 or ((rows or (t + 1) % check_every == 0) and bool(finished.all())):
             break
         logits = model(idx=tok[:, None], mask=~finished[:, None], cache=cache)[:, -1]  # (B, V)
-    for b, row in enumerate(rows or []):
-        if on_text is not None and (d := row.delta(final=True)):
-            on_text(b, d)
+    for row in rows or []:
+        row.stream(final=True)
     n = int(lengths.max())
     return Generation(out[:, :n], lengths, cache, torch.stack(scores_list)[:n] if return_scores else None,
                       [row.text for row in rows] if rows is not None else None)

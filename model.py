@@ -1,16 +1,11 @@
-"""
-MiniGPT-4: a frozen EVA ViT-G + BLIP-2 Q-Former looks at the image, one trained Linear (`llama_proj`) maps
-its 32 query outputs into the word-embedding space of a frozen LLM (Vicuna v0), which then reads
-[bos][prompt before <ImageHere>][32 image embeddings][prompt after][text]. The Llama-2 variant has no
-Q-Former: it drops the CLS token and feeds groups of 4 consecutive patch tokens (256 -> 64 embeddings).
-
-Attribute names follow the original (`visual_encoder`, `ln_vision`, `Qformer`, `llama_proj`, `llama_model`),
-so a projection checkpoint {"model": {"llama_proj.weight", "llama_proj.bias"}} loads in both codebases.
-Also here: the training loss built exactly as the original, generation (greedy / sampling via llama.py,
-beam search here). The multi-turn `Chat` that keeps the KV cache across turns lives in sample.py.
-"""
+"""MiniGPT-4: a frozen EVA ViT-G + BLIP-2 Q-Former looks at the image, one trained Linear (`llama_proj`) maps
+its 32 query outputs into the word-embedding space of a frozen LLM (Vicuna v0), which reads [bos][prompt before
+<ImageHere>][32 image embeddings][prompt after][text]. The Llama-2 variant has no Q-Former: it drops the CLS
+token and feeds groups of 4 consecutive patch tokens (256 -> 64 embeddings). Attribute names follow the
+original, so a projection checkpoint {"model": {"llama_proj.weight", "llama_proj.bias"}} loads in both.
+Also here: the original's training loss and beam search; the multi-turn `Chat` lives in sample.py."""
+import functools
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -102,15 +97,13 @@ class MissingWeights(CheckpointError):
 
 
 def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
-    """Paths of the weight parts the preset needs: per-file overrides, else the first known name in `folder`
-    (no guessing beyond the names above). llama2 has no Q-Former (paths["qformer"] None); proj=False: none
-    wanted (a fresh projection, paths["proj"] None)."""
-    given, paths, missing = dict(vit=vit, qformer=qformer, llm=llm, proj=proj), {}, []
+    """Paths of the weight parts the preset needs: per-file overrides, else the first name of FILES found in
+    `folder`. None for the parts not wanted: llama2's Q-Former, the projection when proj=False (a fresh one)."""
     skip = {"qformer"} if PRESETS[preset].get("variant") == "llama2" else set()
     skip |= {"proj"} if proj is False else set()
-    for part, override in given.items():
+    paths, missing = dict.fromkeys(skip), []
+    for part, override in dict(vit=vit, qformer=qformer, llm=llm, proj=proj).items():
         if part in skip:
-            paths[part] = None
             continue
         names = FILES[part] if isinstance(FILES[part], list) else FILES[part][preset]
         found = [os.path.join(folder, n) for n in names if folder and os.path.exists(os.path.join(folder, n))]
@@ -165,10 +158,6 @@ class MiniGPT4(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith("llama_proj."))
         self.eval()
-
-    @property
-    def query_tokens(self):
-        return None if self.Qformer is None else self.Qformer.query_tokens
 
     @classmethod
     def from_pretrained(cls, weights=None, model="vicuna-7b", vit=None, qformer=None, llm=None, proj=None,
@@ -275,43 +264,46 @@ class MiniGPT4(nn.Module):
     def build_inputs(self, img_embeds, texts, prompts=None, end_sym=None, max_txt_len=None):
         """The original's training batch: [bos][template(prompt) with image][text + end_sym][pad], right-padded.
         -> inputs_embeds (B, T, D), attention_mask (B, T), labels (B, T) (-100 on bos/prompt/image/pad and
-        on text ids equal to the pad id: vicuna0 pads with eos, so its eos targets are masked too)."""
-        B, stage = img_embeds.shape[0], 0 if prompts is None else 1
-        if isinstance(prompts, str):
-            prompts = [prompts] * B
-        if prompts is not None and len(prompts) != B:
-            raise ValueError(f"{len(prompts)} prompts for {B} images")
-        if len(texts) != B:
-            raise ValueError(f"{len(texts)} texts for {B} images")
+        on text ids equal to the pad id: vicuna0 pads with eos, so its eos targets are masked too).
+        The ids are laid out on the host, copied once, embedded once; one masked write places the images."""
+        (B, nq, D), stage = img_embeds.shape, int(prompts is not None)
+        prompts = [prompts] * B if isinstance(prompts, str) else prompts
+        for name, items in (("prompts", prompts), ("texts", texts)):
+            if items is not None and len(items) != B:
+                raise ValueError(f"{len(items)} {name} for {B} images")
         end_sym = self.cfg.end_sym[stage] if end_sym is None else end_sym
         max_txt_len = self.cfg.max_txt_len[stage] if max_txt_len is None else max_txt_len
-        bos, pad = self.tokenizer.bos_id, self.pad_id
+        bos, pad, IMG = self.tokenizer.bos_id, self.pad_id, -1  # IMG: a slot for one image embedding
         rows = []
         for b in range(B):
-            cond = img_embeds[b][None]  # (1, nq, D)
+            before, after = [], []
             if prompts is not None:
                 prompt = self.cfg.prompt_template.format(prompts[b])
                 if prompt.count(IMAGE) != 1:
                     raise ValueError(f"prompt {prompts[b]!r} must hold exactly one {IMAGE}")
-                cond = self.splice(prompt, [img_embeds[b]], bos=False)
-            ids = self.tokenizer.encode(texts[b] + end_sym)[:max_txt_len]  # truncated before padding
-            rows.append((cond, ids))
-        T = 1 + max(c.shape[1] for c, _ in rows) + max(len(i) for _, i in rows)
-        emb = self.embed([pad] * T).expand(B, T, -1).clone()  # pad embeddings everywhere, then fill
-        mask = torch.zeros(B, T, dtype=torch.long, device=emb.device)
-        labels = torch.full((B, T), -100, dtype=torch.long, device=emb.device)
-        for b, (cond, ids) in enumerate(rows):
-            n, P = len(ids), 1 + cond.shape[1]
-            emb[b, :P + n] = torch.cat([self.embed([bos]), cond, self.embed(ids)], dim=1)[0]
-            mask[b, :P + n] = 1
-            labels[b, P:P + n] = torch.tensor([i if i != pad else -100 for i in ids], dtype=torch.long)
+                before, after = self.tokenize_segments(prompt, bos=False)
+            text = self.tokenizer.encode(texts[b] + end_sym)[:max_txt_len]  # truncated before padding
+            rows.append(([bos] + before + [IMG] * nq + after, text))
+        T = max(len(cond) for cond, _ in rows) + max(len(text) for _, text in rows)
+        ids, mask, labels = [], [], []
+        for cond, text in rows:
+            n = len(cond) + len(text)
+            ids.append(cond + text + [pad] * (T - n))
+            mask.append([1] * n + [0] * (T - n))
+            labels.append([-100] * len(cond) + [i if i != pad else -100 for i in text] + [-100] * (T - n))
+        dev = self.llama_model.lm_head.weight.device
+        ids, mask, labels = torch.tensor([ids, mask, labels]).to(dev)  # one host -> device copy, (B, T) each
+        image = ids == IMG
+        emb = self.llama_model.embed(ids.masked_fill(image, pad))  # (B, T, D)
+        emb[image] = img_embeds.reshape(B * nq, D).to(emb.dtype)
         return emb, mask, labels
 
     def lm_loss(self, inputs_embeds, attention_mask, labels):
-        """-> (mean cross-entropy over the target tokens, logits (B, T, V) fp32), HF's shift by one."""
-        logits = self.llama_model(embeds=inputs_embeds, mask=attention_mask)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return loss, logits
+        """-> (mean cross-entropy over the N target tokens, their logits (N, V) fp32, row-major): HF's shift
+        by one, but the LM head runs only where a target follows (never the (B, T, V) logits)."""
+        target = labels[:, 1:] != -100  # (B, T - 1): position t predicts labels[t + 1]
+        logits = self.llama_model(embeds=inputs_embeds, mask=attention_mask, logits_at=F.pad(target, (0, 1)))
+        return F.cross_entropy(logits, labels[:, 1:][target]), logits
 
     def forward(self, pixels, texts, prompts=None, end_sym=None, max_txt_len=None):
         """Training loss. Stage 1: prompts=None. Stage 2: one instruction (with <ImageHere>) for the batch
@@ -323,10 +315,9 @@ class MiniGPT4(nn.Module):
     def generate(self, embeds, mask=None, cache=None, max_new_tokens=300, num_beams=1, do_sample=True,
                  temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=None, length_penalty=1.0, stop=None,
                  on_text=None, generator=None, return_scores=False, original=True):
-        """Decode from embeds (B, T, D) right-padded by mask. original=True mimics transformers 4.28/4.30
-        given only inputs_embeds: input_ids start at [bos], so bos is repetition-penalised and counts in the
-        beam length (see beam_search). top_k 50: those versions' default, which the original never changed.
-        -> llama.Generation (ids of the new tokens; texts cut at the first stop string)."""
+        """Decode from embeds (B, T, D) right-padded by mask -> llama.Generation. original=True mimics
+        transformers 4.28/4.30 given only inputs_embeds: input_ids start at [bos], so bos is repetition-penalised
+        and counts in the beam length (see beam_search). top_k 50: those versions' default, as the original."""
         B, dev = embeds.shape[0], embeds.device
         rp = self.cfg.repetition_penalty if repetition_penalty is None else repetition_penalty
         start = torch.full((B, 1), self.tokenizer.bos_id, device=dev) if original else None
@@ -342,11 +333,9 @@ class MiniGPT4(nn.Module):
 
     def clean_answer(self, ids):
         """Chat.answer's clean-up: drop a leading unk/bos, decode, cut at '###', after 'Assistant:', strip."""
-        ids = [i for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
-        if ids and ids[0] == self.tokenizer.unk_id:
-            ids = ids[1:]
-        if ids and ids[0] == self.tokenizer.bos_id:
-            ids = ids[1:]
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        for special in (self.tokenizer.unk_id, self.tokenizer.bos_id):  # in this order, as the original
+            ids = ids[1:] if ids and ids[0] == special else ids
         text = self.tokenizer.decode(ids)
         for s in self.cfg.stop:
             text = text.split(s)[0]
@@ -358,41 +347,27 @@ class MiniGPT4(nn.Module):
         t = TEMPLATES[self.cfg.variant]
         rows = [self.splice(t.system + t.sep + t.user + f"<Img>{IMAGE}</Img> {q}" + t.sep + t.open, [img])[0]
                 for img, q in zip(img_embeds, questions)]
-        T = max(r.shape[0] for r in rows)
-        emb = rows[0].new_zeros(len(rows), T, rows[0].shape[1])
-        mask = torch.zeros(len(rows), T, dtype=torch.bool, device=emb.device)
-        for b, r in enumerate(rows):
-            emb[b, :len(r)], mask[b, :len(r)] = r, True
+        emb = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T, D), right-padded
+        lengths = torch.tensor([len(r) for r in rows], device=emb.device)
+        mask = torch.arange(emb.shape[1], device=emb.device) < lengths[:, None]  # (B, T)
         gen = self.generate(emb, mask, **opts)
         return [self.clean_answer(gen.ids[b, :gen.lengths[b]]) for b in range(len(rows))]
 
 
 # ----------------------------------------------------------------------------------------------- beam search
-def warp(scores, temperature=1.0, top_k=None, top_p=None):
-    """HF's sampling warpers for beams: temperature, top-k, top-p (keeping at least 2 ids, as HF does)."""
-    scores = process_logits(scores, None, 1.0, True, temperature, top_k and max(top_k, 2))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
-        remove[..., -2:] = False
-        scores = scores.masked_fill(remove.scatter(-1, order, remove), -math.inf)
-    return scores
-
-
 @torch.no_grad()
 def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty=1.0, length_penalty=1.0,
                 start_ids=None, tokenizer=None, stop=(), do_sample=False, temperature=1.0, top_k=None, top_p=None,
                 generator=None, eos_id=None):
-    """HF beam search / beam sampling (early_stopping=False) on embeds (B, T, D): each step keeps the 2K best
-    (or 2K sampled) continuations; those ending in eos (or a stop string) among the top K finish, scored
-    sum_logprobs / length**length_penalty; the K best others run on. -> Generation of each row's best
-    hypothesis (new tokens, eos included). start_ids (B, S) given: transformers 4.28/4.30 (the original, its
-    input_ids start with them): a finished hypothesis is input_ids WITHOUT the eos (length S + tokens before
-    it); sampling warpers act AFTER adding the beam scores; a row stops when it holds K hypotheses and the best
-    of the 2K candidates / (S + t)**lp cannot beat the worst; at the end the K running beams join with length
-    S + max_new_tokens. start_ids None: transformers 5.x (empty input_ids): length = new tokens with the eos;
-    warpers BEFORE adding the beam scores; the stop test uses the best running beam / (t + 1); at the end the
-    top K candidates finish (length max_new_tokens). For an eos both lengths agree when S = 1."""
+    """HF beam search / beam sampling (early_stopping=False) on embeds (B, T, D): each step keeps the 2K best (or
+    sampled) continuations; those ending in eos (or a stop string) among the top K finish, scored sum_logprobs /
+    length**length_penalty; the K best others run on. -> Generation of each row's best hypothesis (eos included).
+    start_ids (B, S): transformers 4.28/4.30 (the original's input_ids start with them): a hypothesis is input_ids
+    WITHOUT the eos (length S + tokens before it); warpers act AFTER adding the beam scores; a row stops when it
+    holds K hypotheses and the best candidate / (S + t)**lp cannot beat the worst; at the end the K running beams
+    join with length S + max_new_tokens. start_ids None: transformers 5.x: length = new tokens with the eos;
+    warpers BEFORE adding the scores; the stop test uses the best running beam / (t + 1); at the end the top K
+    candidates finish (length max_new_tokens). For an eos both lengths agree when S = 1."""
     B, T, D = embeds.shape
     K, dev = num_beams, embeds.device
     eos = tokenizer.eos_id if eos_id is None else eos_id
@@ -401,11 +376,11 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
     cache = llm.new_cache(B * K, T + max_new_tokens)
     V = llm.cfg.vocab_size
     seen = torch.zeros(B * K, V, dtype=torch.bool, device=dev)
-    hf4, S = start_ids is not None, 0
-    if hf4:
+    hf4, S = start_ids is not None, 0 if start_ids is None else start_ids.shape[1]
+    if hf4:  # transformers 4.28's input_ids: penalised like every later token
         seen.scatter_(1, start_ids.to(dev).repeat_interleave(K, 0), True)
-        S = start_ids.shape[1]
-    logits = llm(embeds=x, mask=m, cache=cache, logits_at=m.long().sum(-1) - 1)[:, 0]  # (B*K, V) at the last real
+    last = torch.arange(T, device=dev) == m.sum(-1, keepdim=True) - 1  # (B*K, T): each row's last real token
+    logits = llm(embeds=x, mask=m, cache=cache, logits_at=last)  # (B*K, V)
     seqs = torch.zeros(B, K, 0, dtype=torch.long, device=dev)
     run_scores = torch.zeros(B, K, device=dev)
     run_scores[:, 1:] = -1e9  # only beam 0 expands at the first step
@@ -416,13 +391,15 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
 
     open_rows = [True] * B
     str_stops = [s for s in (stop or ()) if isinstance(s, str)]
+    warp = functools.partial(process_logits, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_keep=2)  # HF's sampling warpers for beams keep at least 2 ids
     for t in range(max_new_tokens):
         logp = process_logits(F.log_softmax(logits, -1), seen, repetition_penalty)  # (B*K, V)
         if do_sample and not hf4:
-            logp = warp(logp, temperature, top_k, top_p)
+            logp = warp(logp)
         total = logp.view(B, K, V) + run_scores[..., None]
         if do_sample and hf4:
-            total = warp(total.view(B * K, V), temperature, top_k, top_p).view(B, K, V)
+            total = warp(total.view(B * K, V)).view(B, K, V)
         total = total.view(B, K * V)
         if do_sample:
             idx = torch.multinomial(total.softmax(-1), 2 * K, generator=generator)

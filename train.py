@@ -312,7 +312,7 @@ def build_model(cfg, device=None, dtype=None):
     return model.eval()  # the frozen parts run in eval mode, as in the original; llama_proj has no dropout
 
 
-def train_flops(vit, qf, llm, T, group=4):
+def train_flops(vit, qf, llm, T, group=4, targets=None):
     """FLOPs of one training sample by part (T: LLM tokens with padding; qf None: llama2). Matmul (m,k)x(k,n):
     2mkn; attention 4*Lq*Lk*D per head, causal counted in full. Frozen parts: forward only. llama_proj: forward
     + weight grad. LLM backward: activation grads only (matmuls once more, attention 8*T^2*D per layer)."""
@@ -326,10 +326,11 @@ def train_flops(vit, qf, llm, T, group=4):
         qf_f = qf.n_layers * (2 * nq * 4 * H * H + 4 * nq * nq * H + 2 * nq * 2 * H * qf.intermediate_size)
         qf_f += len(qf.cross_attention_layers) * (2 * nq * 2 * H * H + 2 * N * 2 * qf.encoder_width * H + 4 * nq * N * H)
     kv = llm.n_kv_heads * llm.head_dim
-    mm = llm.n_layers * (llm.dim * (2 * llm.dim + 2 * kv) + 3 * llm.dim * llm.hidden_dim) + llm.dim * llm.vocab_size
+    mm = llm.n_layers * (llm.dim * (2 * llm.dim + 2 * kv) + 3 * llm.dim * llm.hidden_dim)
     att = llm.n_layers * T * T * llm.dim
-    return dict(vit=vit_f, qformer=qf_f, proj=4 * nq * H * llm.dim, llm_fwd=2 * T * mm + 4 * att,
-                llm_bwd=2 * T * mm + 8 * att)
+    head = 2 * (T if targets is None else targets) * llm.dim * llm.vocab_size  # LM head: target positions only
+    return dict(vit=vit_f, qformer=qf_f, proj=4 * nq * H * llm.dim, llm_fwd=2 * T * mm + 4 * att + head,
+                llm_bwd=2 * T * mm + 8 * att + head)
 
 
 def device_peaks(name, tflops=None, tbps=None):

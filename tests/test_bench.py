@@ -75,8 +75,9 @@ def test_train_flops_match_flop_counter(tiny, monkeypatch):
     m.zero_grad(set_to_none=True)
     counted = fc.get_total_flops()
     with torch.no_grad():
-        T = m.build_inputs(m.encode_img(pixels)[0], texts, max_txt_len=32)[1].shape[1]
-    parts = train_flops(m.cfg.vit, m.cfg.qformer, m.llama_model.cfg, T)
+        _, mask, labels = m.build_inputs(m.encode_img(pixels)[0], texts, max_txt_len=32)
+    T, targets = mask.shape[1], int((labels[:, 1:] != -100).sum())  # lm_loss runs the LM head at targets only
+    parts = train_flops(m.cfg.vit, m.cfg.qformer, m.llama_model.cfg, T, targets=targets / B)
     assert B * sum(parts.values()) == counted, (parts, T, counted)
     # the parts on their own: the image side alone (forward only, no grad)
     with FlopCounterMode(display=False) as fc, torch.no_grad():

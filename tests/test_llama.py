@@ -115,16 +115,20 @@ def right_padded(cfg, lens, seed=30):
 
 
 def test_logits_at_equals_full_forward_rows(ours):
-    """logits_at computes the LM head only at one position per row: the same rows as the full forward."""
+    """logits_at (B, T) bool runs the LM head only at the selected positions: the same rows as the full forward,
+    row-major; the cache is filled as without it."""
     idx, mask = right_padded(ours.cfg, [9, 5, 7])
     full = ours(idx, mask=mask)
-    B = idx.shape[0]
-    for at in (mask.sum(-1) - 1, torch.randint(0, idx.shape[1], (B,), generator=torch.Generator().manual_seed(0))):
+    B, T = idx.shape
+    last = torch.arange(T) == mask.sum(-1, keepdim=True) - 1  # one position per row (generation's prefill)
+    some = torch.rand(B, T, generator=torch.Generator().manual_seed(0)) < 0.4  # any number per row
+    for at in (last, some):
         out = ours(idx, mask=mask, logits_at=at)
-        assert out.shape == (B, 1, ours.cfg.vocab_size)
-        assert_close(out[:, 0], full[torch.arange(B), at], "logits_at rows")
-    cache_a, cache_b = ours.new_cache(B, 12), ours.new_cache(B, 12)  # the cache is filled the same way
-    ours(idx, mask=mask, cache=cache_a, logits_at=mask.sum(-1) - 1)
+        assert out.shape == (int(at.sum()), ours.cfg.vocab_size)
+        assert_close(out, full[at], "logits_at rows")
+    assert ours(idx, mask=mask, logits_at=torch.zeros(B, T, dtype=torch.bool)).shape == (0, ours.cfg.vocab_size)
+    cache_a, cache_b = ours.new_cache(B, 12), ours.new_cache(B, 12)
+    ours(idx, mask=mask, cache=cache_a, logits_at=last)
     ours(idx, mask=mask, cache=cache_b)
     nxt = random_ids(ours.cfg, B, 1, seed=31)
     assert_close(ours(nxt, cache=cache_a), ours(nxt, cache=cache_b), "decode after a logits_at prefill")
@@ -222,7 +226,7 @@ def test_gqa_tied_matches_transformers(gqa_dir):
 
 
 def hf_to_meta_permute(w, n_heads):
-    """Inverse of llama.meta_to_hf_permute: HF rotate-half rows -> Meta's interleaved pairs, per head."""
+    """Inverse of the q/k permutation in llama.meta_items: HF rotate-half rows -> Meta's interleaved pairs."""
     out, inp = w.shape
     return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
 

@@ -256,3 +256,39 @@ def test_gradient_reaches_llama_proj_only(ref_dir):
     assert m.llama_proj.weight.grad.abs().sum() > 0 and m.llama_proj.bias.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in m.named_parameters() if n not in trainable)
     m.zero_grad(set_to_none=True)
+
+
+def test_build_inputs_batch_equals_rows_alone(model, ref_dir, ref_config):
+    """Per-sample prompts of different lengths: each row of the batch is that sample built alone, then padded
+    (pad embedding, mask 0, label -100) to the longest prompt + the longest text."""
+    ref, js = load_reference(ref_dir, model.cfg.variant)
+    img, texts = ref["img_embeds"], [js["captions"][0], js["captions"][1] + " and a much longer tail of words"]
+    prompts = [ref_config["stage2_instruction"], "<Img><ImageHere></Img> Hi"]
+    emb, mask, labels = model.build_inputs(img, texts, prompts)
+    pad = model.embed([model.pad_id])[0, 0]
+    for b in range(2):
+        e, m, lab = model.build_inputs(img[b:b + 1], texts[b:b + 1], prompts[b:b + 1])
+        n = e.shape[1]
+        assert_close(emb[b, :n], e[0], f"row {b}")
+        assert mask[b, :n].tolist() == m[0].tolist() and labels[b, :n].tolist() == lab[0].tolist()
+        assert (emb[b, n:] == pad).all() and not mask[b, n:].any() and (labels[b, n:] == -100).all()
+    with pytest.raises(ValueError, match="1 prompts for 2 images"):
+        model.build_inputs(img, texts, prompts[:1])
+
+
+def test_lm_loss_runs_the_lm_head_at_targets_only(model, ref_dir, ref_config):
+    """lm_loss == HF's shifted cross-entropy over the full (B, T, V) logits, which it never computes."""
+    ref, js = load_reference(ref_dir, model.cfg.variant)
+    emb, mask, labels = model.build_inputs(ref["img_embeds"], js["captions"], ref_config["stage2_instruction"])
+    rows = []
+    hook = model.llama_model.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    try:
+        loss, logits = model.lm_loss(emb, mask, labels)
+    finally:
+        hook.remove()
+    full = model.llama_model(embeds=emb, mask=mask)  # (B, T, V)
+    target = labels[:, 1:] != -100
+    assert rows == [int(target.sum())] and 0 < rows[0] < mask.numel()
+    assert_close(logits, full[:, :-1][target], "target logits")
+    expect = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert_close(loss, expect, "loss")

@@ -124,11 +124,12 @@ def test_e2e_training_batch(e2e, ref_config, stage):
     assert_close(emb, ref[f"{stage}.inputs_embeds"], f"{stage}.inputs_embeds")
     assert mask.tolist() == ref[f"{stage}.attention_mask"].tolist() == s["attention_mask"]
     assert labels.tolist() == ref[f"{stage}.labels"].tolist() == s["labels"]
-    loss, logits = model.lm_loss(emb, mask, labels)
+    loss, logits = model.lm_loss(emb, mask, labels)  # logits only at the target positions, row-major
     assert_close(loss, ref[f"{stage}.loss"], f"{stage}.loss")
     idx = ref[f"{stage}.target_index"]
-    assert_close(logits[idx[:, 0], idx[:, 1]], ref[f"{stage}.target_logits"], f"{stage}.target_logits")
-    nll = F.cross_entropy(logits[idx[:, 0], idx[:, 1]], labels[idx[:, 0], idx[:, 1] + 1], reduction="none")
+    assert (labels[:, 1:] != -100).nonzero().tolist() == idx.tolist()  # the reference's row order
+    assert_close(logits, ref[f"{stage}.target_logits"], f"{stage}.target_logits")
+    nll = F.cross_entropy(logits, labels[idx[:, 0], idx[:, 1] + 1], reduction="none")
     assert_close(nll, ref[f"{stage}.token_nll"], f"{stage}.token_nll")
 
 
