@@ -13,6 +13,7 @@ Every problem raises CheckpointError with one line that names the file or the ke
 import os
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -44,6 +45,17 @@ def read_checkpoint(path):
 def first_line(e):
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+@contextmanager
+def json_errors(path):
+    """A missing or invalid JSON file, a missing key or a bad value -> one CheckpointError naming `path`."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e}") from None
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
 
 
 def unwrap(state, path="checkpoint"):

@@ -169,7 +169,8 @@ def download(url, dest, optional=False):
 def shard_names(index_path, url):
     """The sorted, unique shard file names of an HF index's weight_map (plain names only)."""
     try:
-        names = sorted(set(json.load(open(index_path))["weight_map"].values()))
+        with open(index_path) as fh:
+            names = sorted(set(json.load(fh)["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise FetchError(f"{url}: not a valid index file (no weight_map): delete {index_path}") from None
     bad = [n for n in names if not isinstance(n, str) or os.path.basename(n) != n or n.startswith(".")]

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from attention import attention
-from checkpoint import CheckpointError, assign, check_complete, first_line, read_checkpoint
+from checkpoint import CheckpointError, assign, check_complete, json_errors, read_checkpoint
 
 
 @dataclass
@@ -70,17 +69,6 @@ class LlamaConfig:
             return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
                        vocab_size=max(p.get("vocab_size", -1), 0) or vocab_size, hidden_dim=-(-hidden // m) * m,
                        norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
-
-
-@contextmanager
-def json_errors(path):
-    """A missing or invalid JSON file, a missing key or a bad value -> one CheckpointError naming `path`."""
-    try:
-        yield
-    except KeyError as e:
-        raise CheckpointError(f"{path}: missing key {e}") from None
-    except (OSError, ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path}: {first_line(e)}") from None
 
 
 PRESETS = {

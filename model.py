@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, read_checkpoint, unwrap
+from checkpoint import CheckpointError, json_errors, read_checkpoint, unwrap
 from llama import Generation, Llama, LlamaConfig, Tokenizer, generate, process_logits
 from qformer import QFormer, QFormerConfig
 from vit import ViTConfig, VisionTransformer
@@ -121,18 +121,21 @@ def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
 def folder_configs(folder):
     """(ViTConfig, QFormerConfig, ln_vision eps) from a fixture folder's config.json `dims`, else None."""
     path = os.path.join(folder or "", "config.json")
-    dims = json.load(open(path)).get("dims") if folder and os.path.isfile(path) else None
-    if not dims:
+    if not (folder and os.path.isfile(path)):
         return None, None, None
-    v, q = dims["vit"], dims["qformer"]
-    vit = ViTConfig(img_size=v["img_size"], patch_size=v["patch_size"], width=v["embed_dim"], depth=v["depth"],
-                    n_heads=v["num_heads"], mlp_hidden=v["mlp_hidden"], norm_eps=v["norm_eps"])
-    qf = QFormerConfig(hidden_size=q["hidden_size"], n_layers=q["num_hidden_layers"],
-                       n_heads=q["num_attention_heads"], intermediate_size=q["intermediate_size"],
-                       norm_eps=q["layer_norm_eps"], encoder_width=q["encoder_width"],
-                       n_queries=q["num_query_token"], cross_attention_freq=q["cross_attention_freq"],
-                       cross_attention_layers=tuple(q["cross_attention_layers"]))
-    return vit, qf, dims.get("ln_vision", {}).get("eps", 1e-5)
+    with json_errors(path), open(path) as f:
+        dims = json.load(f).get("dims")
+        if not dims:
+            return None, None, None
+        v, q = dims["vit"], dims["qformer"]
+        vit = ViTConfig(img_size=v["img_size"], patch_size=v["patch_size"], width=v["embed_dim"], depth=v["depth"],
+                        n_heads=v["num_heads"], mlp_hidden=v["mlp_hidden"], norm_eps=v["norm_eps"])
+        qf = QFormerConfig(hidden_size=q["hidden_size"], n_layers=q["num_hidden_layers"],
+                           n_heads=q["num_attention_heads"], intermediate_size=q["intermediate_size"],
+                           norm_eps=q["layer_norm_eps"], encoder_width=q["encoder_width"],
+                           n_queries=q["num_query_token"], cross_attention_freq=q["cross_attention_freq"],
+                           cross_attention_layers=tuple(q["cross_attention_layers"]))
+        return vit, qf, dims.get("ln_vision", {}).get("eps", 1e-5)
 
 
 def size_name(width):
