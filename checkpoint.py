@@ -35,11 +35,13 @@ def read_checkpoint(path):
             return load_file(path)
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format since PyTorch 1.6 (older files: legacy pickle)
     try:
         # mmap: tensors stay on disk until used, so a shard costs no more memory than what we keep of it
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+        why = first_line(e) if is_zip else "neither a torch.save zip file nor a legacy PyTorch checkpoint"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
 
 
 def first_line(e):

@@ -13,7 +13,7 @@ lists what is still missing, where to get it and where to put it (model.py's own
 Each file is written to FILE.part and renamed when complete, so a stopped run (Ctrl-C, lost connection)
 resumes where it was with an HTTP Range request; files already there are skipped without a request.
 --base-url replaces the scheme and host of every URL (the paths stay), e.g. for a mirror or the tests.
-Standard library only (urllib).
+Downloads use the standard library only (urllib); the file tables come from model.py.
 """
 import argparse
 import http.client

@@ -46,6 +46,8 @@ class QFormerConfig:
 
     @classmethod
     def from_name(cls, name):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
 
 
@@ -149,7 +151,7 @@ class Encoder(nn.Module):
 
 
 class QFormer(nn.Module):
-    def __init__(self, cfg=QFormerConfig()):
+    def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.config = cfg
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.n_queries, cfg.hidden_size))

@@ -43,6 +43,8 @@ class ViTConfig:
 
     @classmethod
     def from_name(cls, name):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
 
     @property
@@ -123,7 +125,7 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg=ViTConfig()):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.config = cfg
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
