@@ -33,9 +33,10 @@ class LlamaConfig:
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        for a, b in [("dim", "n_heads"), ("n_heads", "n_kv_heads")]:
-            if getattr(self, a) % getattr(self, b):
-                raise ValueError(f"LlamaConfig: {a} {getattr(self, a)} is not divisible by {b} {getattr(self, b)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LlamaConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         self.head_dim = self.dim // self.n_heads  # derived, not a field
 
     @classmethod
@@ -65,10 +66,15 @@ class LlamaConfig:
         """Meta `params.json` -> LlamaConfig (FFN width by Meta's multiple_of rule; vocab -1 -> vocab_size)."""
         with json_errors(path), open(path) as f:
             p = json.load(f)
-            hidden, m = int((p.get("ffn_dim_multiplier") or 1) * int(8 * p["dim"] / 3)), p.get("multiple_of", 256)
+            hidden = int(2 * 4 * p["dim"] / 3)  # Meta's FeedForward: 2/3 of 4 * dim, times a multiplier,
+            hidden = int(hidden * (p.get("ffn_dim_multiplier") or 1))
+            multiple_of = p.get("multiple_of", 256)  # rounded up to a multiple of this
+            hidden = multiple_of * math.ceil(hidden / multiple_of)
+            if p.get("vocab_size", -1) > 0:  # -1 in Meta's files: the tokenizer decides
+                vocab_size = p["vocab_size"]
             return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
-                       vocab_size=max(p.get("vocab_size", -1), 0) or vocab_size, hidden_dim=-(-hidden // m) * m,
-                       norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
+                       vocab_size=vocab_size, hidden_dim=hidden, norm_eps=p.get("norm_eps", 1e-6),
+                       rope_theta=p.get("rope_theta", 10000.0))
 
 
 PRESETS = {
@@ -309,7 +315,8 @@ def meta_items(folder):
             w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
             if name in ("attention.wq.weight", "attention.wk.weight"):  # RoPE pairs (2i, 2i+1) -> HF's (i, i+D/2)
                 n = cfg.n_heads if name == "attention.wq.weight" else cfg.n_kv_heads
-                w = w.view(n, w.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)  # per head
+                # (n * D, C) -> (n, D/2 pairs, 2, C) -> (n, 2, D/2, C): even rows of each head first, then odd
+                w = w.view(n, w.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)
             yield hf, w
     return cfg, items()
 
@@ -401,6 +408,12 @@ class Generation:
     texts: Optional[list] = None  # decoded rows (tokenizer given), cut at the first stop string
 
 
+def sample(probs, generator=None):
+    """One id per row from probs (B, V): torch.multinomial(probs, 1)'s own method (argmax of p / Exp(1)
+    noise, so the same draws for the same seed) without multinomial's host sync. -> (B,)"""
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
+
+
 @torch.no_grad()
 def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, repetition_penalty=1.0, penalty_ids=None, eos_id=2, pad_id=0, stop=(),
@@ -435,9 +448,8 @@ def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_samp
         scores = process_logits(logits, seen, repetition_penalty, do_sample, temperature, top_k, top_p)
         if return_scores:
             scores_list.append(scores)
-        if do_sample:  # torch.multinomial(probs, 1)'s own method (so the same draws) without its host sync
-            scores = scores.softmax(-1) / torch.empty_like(scores).exponential_(1, generator=generator)
-        tok = torch.where(finished, pad_id, scores.argmax(-1))  # (B,) a finished row stops changing
+        next_tok = sample(scores.softmax(-1), generator) if do_sample else scores.argmax(-1)  # (B,)
+        tok = torch.where(finished, pad_id, next_tok)  # a finished row stops changing
         out[:, t] = tok
         lengths += ~finished
         seen.scatter_(1, tok[:, None], True)
@@ -451,7 +463,10 @@ def generate(model, idx=None, embeds=None, mask=None, max_new_tokens=20, do_samp
                     row.push(token)
                     done[row.row] |= row.stopped
         finished |= done
-        if t == max_new_tokens - 1 or ((rows or (t + 1) % check_every == 0) and bool(finished.all())):
+        if t == max_new_tokens - 1:
+            break
+        synced = rows is not None or (t + 1) % check_every == 0  # bool() waits for the GPU: not every step
+        if synced and bool(finished.all()):
             break
         logits = model(idx=tok[:, None], mask=~finished[:, None], cache=cache)[:, -1]  # (B, V)
     for row in rows or []:
