@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 import attention as A  # noqa: E402
 from checkpoint import assign, check_complete  # noqa: E402
 from llama import RMSNorm, Tokenizer, generate  # noqa: E402
-from model import IMAGE, TEMPLATES, MiniGPT4, MiniGPT4Config  # noqa: E402
+from model import TEMPLATES, MiniGPT4, MiniGPT4Config  # noqa: E402
 from train import device_peaks, train_flops  # noqa: E402  (MFU: the same count as train.py's log)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -337,10 +337,11 @@ def bench_e2e(args):
         opt.zero_grad(set_to_none=True)
 
     with torch.no_grad(), amp():
-        T = m.build_inputs(m.encode_img(pixels)[0], texts, max_txt_len=32)[1].shape[1]
+        _, mask, labels = m.build_inputs(m.encode_img(pixels)[0], texts, max_txt_len=32)
+        T, targets = mask.shape[1], (labels[:, 1:] != -100).sum().item() / B  # LM head: target positions only
         l_ours, l_hf = m(pixels, texts, max_txt_len=32).item(), hf_loss().item()
     bad += [f"loss {l_ours:.4f} vs {l_hf:.4f}"] if abs(l_ours - l_hf) > tol * max(1, abs(l_hf)) else []
-    flops = B * sum(train_flops(cfg.vit, cfg.qformer, m.llama_model.cfg, T).values())
+    flops = B * sum(train_flops(cfg.vit, cfg.qformer, m.llama_model.cfg, T, targets=targets).values())
     res = {}
     for who, fn in (("ours", lambda: m(pixels, texts, max_txt_len=32)), ("hf", hf_loss)):
         torch.cuda.reset_peak_memory_stats() if cuda else None
@@ -353,8 +354,7 @@ def bench_e2e(args):
              ["  MFU %", res["ours"][2], res["hf"][2], 0, ">=50", f"{flops / B / 1e12:.3f} TFLOP/sample"]]
 
     # 3. chat at batch 1: encode one image + prefill the first-turn prompt, then greedy decode (eos ignored)
-    t = TEMPLATES["vicuna0"]
-    prompt = t.system + t.sep + t.user + f"<Img>{IMAGE}</Img> {QUESTION}" + t.sep + t.open
+    prompt = TEMPLATES["vicuna0"].first_turn(QUESTION)
     ours_emb = lambda: m.splice(prompt, [m.encode_img(pixels[:1])[0][0]])  # (1, L, C)
     hf_emb = lambda: m.splice(prompt, [hf_encode(m, vis, qfm, pixels[:1])[0]])
     ours_gen = lambda emb, n: generate(m.llama_model, embeds=emb, max_new_tokens=n, eos_id=None).ids

@@ -32,6 +32,13 @@ class ChatTemplate:  # conversation.py: prompt = system + sep + (role + message 
     assistant: str = "Assistant: "
     open: str = "Assistant:"  # the last, empty assistant message (vicuna0: "Assistant:", no space)
 
+    def user_turn(self, text):
+        return self.user + text + self.sep
+
+    def first_turn(self, question):
+        """The original's first prompt: system, the image and the question, then the assistant's opening."""
+        return self.system + self.sep + self.user_turn(f"<Img>{IMAGE}</Img> {question}") + self.open
+
 
 TEMPLATES = {"vicuna0": ChatTemplate(),
              "llama2": ChatTemplate(sep="", user="<s>[INST] ", assistant=" [/INST] ", open=" [/INST] ")}
@@ -68,19 +75,21 @@ PRESETS = {
     "tiny": dict(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny")),  # tests
 }
 ALIASES = {"llama2": "llama2-7b", "vicuna": "vicuna-13b", "vicuna7b": "vicuna-7b", "vicuna13b": "vicuna-13b"}
-SIZES = {4096: "7B", 5120: "13B", 6656: "33B", 8192: "65B/70B"}
 
 # --------------------------------------------------------------------------------------- weights on disk
+LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
 URLS = {
-    "vit": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth",
-    "qformer": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
-               "blip2_pretrained_flant5xxl.pth",
+    "vit": LAVIS + "eva_vit_g.pth",
+    "qformer": LAVIS + "blip2_pretrained_flant5xxl.pth",
     "vicuna-7b": "https://huggingface.co/Vision-CAIR/vicuna-7b",
     "vicuna-13b": "https://huggingface.co/Vision-CAIR/vicuna",
     "llama2-7b": "https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (gated: accept the license first)",
     "proj": "the Google Drive links in the original README (github.com/Vision-CAIR/MiniGPT-4)",
 }
-FILES = {  # what a weights folder may hold, first match wins: the original release names, then the fixture's
+# What a weights folder may hold, first match wins: the original release's names first. TEST FIXTURES: the last
+# name of the qformer, proj and llm lists (blip2_pretrained.pth, minigpt4_*proj.pth, llama/) is the layout of
+# tests/fixtures/reference/*, whose config.json `dims` (read by folder_configs below) a release folder lacks.
+FILES = {
     "vit": ["eva_vit_g.pth"],
     "qformer": ["blip2_pretrained_flant5xxl.pth", "blip2_pretrained.pth"],
     "proj": {"vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth"],
@@ -99,19 +108,25 @@ class MissingWeights(CheckpointError):
 def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
     """Paths of the weight parts the preset needs: per-file overrides, else the first name of FILES found in
     `folder`. None for the parts not wanted: llama2's Q-Former, the projection when proj=False (a fresh one)."""
-    skip = {"qformer"} if PRESETS[preset].get("variant") == "llama2" else set()
-    skip |= {"proj"} if proj is False else set()
-    paths, missing = dict.fromkeys(skip), []
-    for part, override in dict(vit=vit, qformer=qformer, llm=llm, proj=proj).items():
-        if part in skip:
-            continue
+    if preset not in FILES["proj"]:
+        raise ValueError(f"model {preset!r} has no release weights; choose from {', '.join(FILES['proj'])}")
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise MissingWeights(f"--weights {folder}: not a folder")
+    parts = dict(vit=vit, qformer=qformer, llm=llm, proj=proj)
+    if PRESETS[preset].get("variant") == "llama2":
+        del parts["qformer"]
+    if proj is False:
+        del parts["proj"]
+    paths, missing = dict(qformer=None, proj=None), []
+    for part, override in parts.items():
         names = FILES[part] if isinstance(FILES[part], list) else FILES[part][preset]
         found = [os.path.join(folder, n) for n in names if folder and os.path.exists(os.path.join(folder, n))]
         path = override or (found[0] if found else None)
         if path is None or not os.path.exists(path):
             where = URLS[preset] if part == "llm" else URLS[part]
-            what = path or (f"{folder}/" if folder else "") + " or ".join(names[:2] if part != "llm" else names[:1])
-            missing.append(f"  {part}: {what}{'/' if part == 'llm' and not path else ''}  <- {where}")
+            if path is None:  # nothing in the folder: what the release calls it (the LLM: a folder)
+                path = os.path.join(folder or "", names[0] + "/" if part == "llm" else " or ".join(names[:2]))
+            missing.append(f"  {part}: {path}  <- {where}")
         paths[part] = path
     if missing:
         raise MissingWeights("missing weights:\n" + "\n".join(missing))
@@ -119,7 +134,7 @@ def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
 
 
 def folder_configs(folder):
-    """(ViTConfig, QFormerConfig, ln_vision eps) from a fixture folder's config.json `dims`, else None."""
+    """Test fixtures only: (ViTConfig, QFormerConfig, ln_vision eps) from config.json `dims`, else Nones."""
     path = os.path.join(folder or "", "config.json")
     if not (folder and os.path.isfile(path)):
         return None, None, None
@@ -136,10 +151,6 @@ def folder_configs(folder):
                            n_queries=q["num_query_token"], cross_attention_freq=q["cross_attention_freq"],
                            cross_attention_layers=tuple(q["cross_attention_layers"]))
         return vit, qf, dims.get("ln_vision", {}).get("eps", 1e-5)
-
-
-def size_name(width):
-    return f"{width} ({SIZES[width]})" if width in SIZES else str(width)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -165,10 +176,9 @@ class MiniGPT4(nn.Module):
     @classmethod
     def from_pretrained(cls, weights=None, model="vicuna-7b", vit=None, qformer=None, llm=None, proj=None,
                         dtype=torch.float32, device="cpu", cfg=None):
-        """Load from a weights folder laid out like the original release (or a fixture folder), with
-        per-file overrides. Dimensions come from the files (and a folder's config.json `dims`).
-        proj: None = the projection file in `weights`, a path = that file, False = a freshly initialised
-        projection (nn.Linear's default init from the current torch seed, fp32: stage-1 training)."""
+        """Load a weights folder laid out like the original release (or a test fixture), with per-file overrides;
+        dimensions come from the files. proj: None = the projection file in `weights`, a path = that file, False =
+        a fresh fp32 projection (nn.Linear's default init from the current torch seed: stage-1 training)."""
         preset = ALIASES.get(model, model)
         cfg = cfg or MiniGPT4Config.from_name(preset)
         paths = find_weights(weights, preset, vit, qformer, llm, proj)
@@ -186,7 +196,6 @@ class MiniGPT4(nn.Module):
             cfg = replace(cfg, qformer=qf.config)
         with torch.device(device):
             m = cls(cfg, visual, qf, llama, tokenizer)  # llama_proj: nn.Linear's default init, fp32
-        m.ln_vision.float()
         if ln_state is not None:  # llama2: not loaded from anything (the original never does)
             m.ln_vision.load_state_dict(ln_state)
         if proj is not False:
@@ -195,13 +204,9 @@ class MiniGPT4(nn.Module):
 
     # -------------------------------------------------------------------------------- the trained part
     def trainable_state_dict(self):
-        """What training saves: {"llama_proj.weight", "llama_proj.bias"} in fp32 (the original's layout)."""
-        return {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()
-                if k.startswith("llama_proj.")}
-
-    def save_projection(self, path, **extra):
-        """{"model": trainable_state_dict(), **extra} (train.py adds optimizer, epoch, ...): loads in the original."""
-        torch.save({"model": self.trainable_state_dict(), **extra}, path)
+        """What training saves as {"model": this, ...}: llama_proj.weight/bias in fp32 (the original's layout)."""
+        sd = self.llama_proj.state_dict(prefix="llama_proj.")
+        return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
     def load_projection(self, path):
         sd = unwrap(read_checkpoint(path), path)
@@ -212,8 +217,8 @@ class MiniGPT4(nn.Module):
         w, b = sd["llama_proj.weight"], sd["llama_proj.bias"]
         out_dim, in_dim = self.llama_proj.weight.shape
         if w.dim() != 2 or w.shape[0] != out_dim or tuple(b.shape) != (w.shape[0],):
-            raise CheckpointError(f"{path}: projection outputs {size_name(w.shape[0])} but the LLM is "
-                                  f"{size_name(out_dim)} wide: use the projection trained for this LLM")
+            raise CheckpointError(f"{path}: projection outputs {w.shape[0]} but the LLM is {out_dim} wide (7B: 4096, "
+                                  "13B: 5120): use the projection trained for this LLM")
         if w.shape[1] != in_dim:
             hint = ("a Vicuna (Q-Former) projection" if self.Qformer is None
                     else "a Llama-2 (4 grouped ViT tokens) projection")
@@ -229,8 +234,7 @@ class MiniGPT4(nn.Module):
         frozen = not any(p.requires_grad for p in self.visual_encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             x = self.visual_encoder(pixels)  # (B, 1 + N, W)
-            x = F.layer_norm(x.float(), x.shape[-1:], self.ln_vision.weight.float(), self.ln_vision.bias.float(),
-                             self.ln_vision.eps).to(x.dtype)  # ln_vision in fp32, cast back
+            x = self.ln_vision(x.float()).to(x.dtype)  # ln_vision (kept fp32) in fp32, cast back
             if self.Qformer is not None:
                 x = self.Qformer(x)  # (B, nq, H)
             else:
@@ -265,10 +269,9 @@ class MiniGPT4(nn.Module):
         return torch.cat(parts, dim=1)
 
     def build_inputs(self, img_embeds, texts, prompts=None, end_sym=None, max_txt_len=None):
-        """The original's training batch: [bos][template(prompt) with image][text + end_sym][pad], right-padded.
-        -> inputs_embeds (B, T, D), attention_mask (B, T), labels (B, T) (-100 on bos/prompt/image/pad and
-        on text ids equal to the pad id: vicuna0 pads with eos, so its eos targets are masked too).
-        The ids are laid out on the host, copied once, embedded once; one masked write places the images."""
+        """The original's training batch, right-padded: [bos][template(prompt) with image][text + end_sym][pad] ->
+        inputs_embeds (B, T, D), attention_mask (B, T), labels (B, T): -100 on bos/prompt/image/pad and on text ids
+        equal to the pad id (vicuna0 pads with eos: its eos targets are masked too). One host->device copy."""
         (B, nq, D), stage = img_embeds.shape, int(prompts is not None)
         prompts = [prompts] * B if isinstance(prompts, str) else prompts
         for name, items in (("prompts", prompts), ("texts", texts)):
@@ -321,18 +324,16 @@ class MiniGPT4(nn.Module):
         """Decode from embeds (B, T, D) right-padded by mask -> llama.Generation. original=True mimics
         transformers 4.28/4.30 given only inputs_embeds: input_ids start at [bos], so bos is repetition-penalised
         and counts in the beam length (see beam_search). top_k 50: those versions' default, as the original."""
-        B, dev = embeds.shape[0], embeds.device
         rp = self.cfg.repetition_penalty if repetition_penalty is None else repetition_penalty
-        start = torch.full((B, 1), self.tokenizer.bos_id, device=dev) if original else None
+        start = torch.full((len(embeds), 1), self.tokenizer.bos_id, device=embeds.device) if original else None
         stop = self.cfg.stop if stop is None else stop
         if num_beams > 1:
             return beam_search(self.llama_model, embeds, mask, num_beams, max_new_tokens, rp, length_penalty,
                                start, self.tokenizer, stop, do_sample, temperature, top_k, top_p, generator)
-        return generate(self.llama_model, embeds=embeds, mask=mask, max_new_tokens=max_new_tokens,
-                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=rp, penalty_ids=start, eos_id=self.tokenizer.eos_id, pad_id=self.pad_id,
-                        stop=stop, tokenizer=self.tokenizer, on_text=on_text, cache=cache,
-                        return_scores=return_scores, generator=generator)
+        return generate(self.llama_model, embeds=embeds, mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=rp, penalty_ids=start,
+                        eos_id=self.tokenizer.eos_id, pad_id=self.pad_id, stop=stop, tokenizer=self.tokenizer,
+                        on_text=on_text, cache=cache, return_scores=return_scores, generator=generator)
 
     def clean_answer(self, ids):
         """Chat.answer's clean-up: drop a leading unk/bos, decode, cut at '###', after 'Assistant:', strip."""
@@ -347,12 +348,10 @@ class MiniGPT4(nn.Module):
     @torch.no_grad()
     def answer(self, img_embeds, questions, **opts):
         """One-shot, batched: image b (nq, D) + questions[b] -> list of answers (each row stops on its own)."""
-        t = TEMPLATES[self.cfg.variant]
-        rows = [self.splice(t.system + t.sep + t.user + f"<Img>{IMAGE}</Img> {q}" + t.sep + t.open, [img])[0]
-                for img, q in zip(img_embeds, questions)]
+        first_turn = TEMPLATES[self.cfg.variant].first_turn
+        rows = [self.splice(first_turn(q), [img])[0] for img, q in zip(img_embeds, questions)]
         emb = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T, D), right-padded
-        lengths = torch.tensor([len(r) for r in rows], device=emb.device)
-        mask = torch.arange(emb.shape[1], device=emb.device) < lengths[:, None]  # (B, T)
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows], True).to(emb.device)
         gen = self.generate(emb, mask, **opts)
         return [self.clean_answer(gen.ids[b, :gen.lengths[b]]) for b in range(len(rows))]
 
@@ -362,15 +361,14 @@ class MiniGPT4(nn.Module):
 def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty=1.0, length_penalty=1.0,
                 start_ids=None, tokenizer=None, stop=(), do_sample=False, temperature=1.0, top_k=None, top_p=None,
                 generator=None, eos_id=None):
-    """HF beam search / beam sampling (early_stopping=False) on embeds (B, T, D): each step keeps the 2K best (or
-    sampled) continuations; those ending in eos (or a stop string) among the top K finish, scored sum_logprobs /
-    length**length_penalty; the K best others run on. -> Generation of each row's best hypothesis (eos included).
-    start_ids (B, S): transformers 4.28/4.30 (the original's input_ids start with them): a hypothesis is input_ids
-    WITHOUT the eos (length S + tokens before it); warpers act AFTER adding the beam scores; a row stops when it
-    holds K hypotheses and the best candidate / (S + t)**lp cannot beat the worst; at the end the K running beams
-    join with length S + max_new_tokens. start_ids None: transformers 5.x: length = new tokens with the eos;
-    warpers BEFORE adding the scores; the stop test uses the best running beam / (t + 1); at the end the top K
-    candidates finish (length max_new_tokens). For an eos both lengths agree when S = 1."""
+    """HF beam search / beam sampling (early_stopping=False) on embeds (B, T, D) -> Generation of each row's best
+    hypothesis (eos included). Each step keeps the 2K best (or sampled) continuations; those ending in eos (or a stop
+    string) among the top K finish, scored sum_logprobs / length**length_penalty; the K best others run on.
+    start_ids (B, S): transformers 4.28/4.30 (the original's input_ids start with them): hypothesis length S + tokens
+    before the eos; warpers AFTER adding the beam scores; a row stops once it holds K hypotheses and the best
+    candidate / (S + t)**lp cannot beat the worst; at the end the running beams join (length S + max_new_tokens).
+    None: transformers 5.x: length = new tokens with the eos; warpers BEFORE the scores; the stop test uses the best
+    running beam / (t + 1); at the end the top K candidates finish. For an eos both lengths agree when S = 1."""
     B, T, D = embeds.shape
     K, dev = num_beams, embeds.device
     eos = tokenizer.eos_id if eos_id is None else eos_id
@@ -413,7 +411,7 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
         beam, tok = idx // V, idx % V
         cand = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], -1)  # (B, 2K, t+1)
         last = t == max_new_tokens - 1
-        new_beam, new_seq, new_score = [], [], []
+        kept = []  # per row: (the beam each running beam comes from (K,), its ids (K, t+1), its score (K,))
         for b in range(B):
             keep = []
             for j in range(2 * K):
@@ -428,18 +426,17 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
             keep += [j for j in range(2 * K) if j not in keep][:K - n_ok]
             score = top[b, keep].clone()
             score[n_ok:] = -1e9
-            new_beam.append(beam[b, keep]), new_seq.append(cand[b, keep]), new_score.append(score)
+            kept.append((beam[b, keep], cand[b, keep], score))
             if len(done[b]) == K and open_rows[b]:  # can a running beam still beat the worst finished one?
                 best = top[b, 0].item() / (S + t) ** length_penalty if hf4 else \
                     score[0].item() / (t + 1) ** length_penalty
                 open_rows[b] = best > done[b][-1][0]
             if last and hf4 and open_rows[b]:  # transformers 4.28's finalize: the running beams join
                 for j in range(n_ok):
-                    add(b, score[j].item(), new_seq[b][j].tolist(), S + max_new_tokens)
+                    add(b, score[j].item(), cand[b, keep[j]].tolist(), S + max_new_tokens)
         if last or not any(open_rows):
             break
-        beam_idx = torch.stack(new_beam)  # (B, K) beam each new running beam came from
-        seqs, run_scores = torch.stack(new_seq), torch.stack(new_score)
+        beam_idx, seqs, run_scores = (torch.stack(column) for column in zip(*kept))  # (B, K), (B, K, t+1), (B, K)
         flat = (beam_idx + torch.arange(B, device=dev)[:, None] * K).view(-1)
         cache.reorder(flat)
         seen = seen.index_select(0, flat)
@@ -447,6 +444,7 @@ def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty
         logits = llm(idx=seqs[..., -1].reshape(-1, 1), cache=cache)[:, -1]
     best = [max(h, key=lambda h: h[0])[1] for h in done]
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(h) for h in best], True, eos).to(dev)  # (B, n)
-    texts = None if tokenizer is None else [tokenizer.decode(h) for h in best]
-    texts = texts and [min((t.split(s)[0] for s in str_stops), key=len, default=t) for t in texts]
+    texts = None
+    if tokenizer is not None:  # each text cut at its earliest stop string
+        texts = [min((t.split(s)[0] for s in str_stops), key=len, default=t) for t in map(tokenizer.decode, best)]
     return Generation(ids, torch.tensor([len(h) for h in best], device=dev), cache, None, texts)

@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from model import IMAGE, TEMPLATES, MiniGPT4
+from model import ALIASES, FILES, IMAGE, TEMPLATES, MiniGPT4, MiniGPT4Config
 
 DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
+MODELS = [*FILES["proj"], *ALIASES]  # the presets with release weights, and their aliases
 
 
 class Chat:
@@ -69,11 +70,12 @@ class Chat:
             self.messages.append(dict(role="user", text=text, images=[], ids=None))
 
     def items(self):
-        """The prompt as pieces: str, list of ids (answers) or image embeds (nq, D); adjacent strs merged."""
+        """The prompt as pieces: str, list of ids (answers) or image embeds (nq, D); adjacent strs merged.
+        Before the first answer this is the template's first_turn, the original's prompt."""
         t, out = self.t, [self.t.system + self.t.sep]
         for m in self.messages:
             if m["role"] == "user":
-                for i, p in enumerate((t.user + m["text"] + t.sep).split(IMAGE)):
+                for i, p in enumerate(t.user_turn(m["text"]).split(IMAGE)):
                     out += ([m["images"][i - 1]] if i else []) + [p]
             else:
                 out.append(t.open)
@@ -100,20 +102,23 @@ class Chat:
         return torch.cat(parts, dim=1)
 
     def fit(self, max_new_tokens):
-        """Drop the oldest (question, answer) pairs without an image until history + answer fit the cap."""
+        """Drop the oldest (question, answer) pairs without an image until history + answer fit the cap; if it
+        still does not fit, cut the history's start (the original's left cut), keeping at least the newest token."""
         emb = self.context_embeds()
         while emb.shape[1] + max_new_tokens > self.max_context:
             ms = self.messages
             i = next((i for i in range(len(ms) - 2) if ms[i]["role"] == "user" and not ms[i]["images"]), None)
             if i is None:
                 break
-            del ms[i:i + 2 if ms[i + 1]["role"] == "assistant" else i + 1]
+            n = 2 if ms[i + 1]["role"] == "assistant" else 1  # the question and its answer
+            del ms[i:i + n]
             self.cache = None  # the kept prefix changed: re-prefill
             emb = self.context_embeds()
-        if emb.shape[1] + max_new_tokens > self.max_context:  # still too long: the original's left cut
+        if emb.shape[1] + max_new_tokens > self.max_context:
             print(f"chat: conversation exceeds {self.max_context} tokens; the model will not see its start",
                   file=sys.stderr)
-            emb, self.cache = emb[:, max(0, emb.shape[1] + max_new_tokens - self.max_context):], None
+            keep = max(self.max_context - max_new_tokens, 1)
+            emb, self.cache = emb[:, -keep:], None
         return emb
 
     @torch.no_grad()
@@ -121,6 +126,9 @@ class Chat:
         """Generate the assistant's reply (streamed through on_text(delta) if given) -> cleaned answer text."""
         opts = {**self.opts, **opts}
         max_new = opts.setdefault("max_new_tokens", 300)
+        if max_new >= self.max_context:
+            raise ValueError(f"max_new_tokens {max_new} must be < the context cap {self.max_context} (max_context, "
+                             f"at most the LLM's {self.model.llama_model.cfg.max_seq_len}): the answer must fit")
         beams = opts.get("num_beams", 1) > 1
         self.messages.append(dict(role="assistant", text=None, images=[], ids=None))
         emb = self.fit(max_new)
@@ -148,7 +156,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with MiniGPT-4 about an image.")
     p.add_argument("--image", help="image file (interactive mode: also /image PATH)")
     p.add_argument("--prompt", help="answer this question once and exit (else: interactive chat)")
-    p.add_argument("--model", default="vicuna-7b", help="vicuna-7b, vicuna-13b, llama2-7b (alias llama2)")
+    p.add_argument("--model", default="vicuna-7b", choices=MODELS, metavar="MODEL",
+                   help="vicuna-7b, vicuna-13b, llama2-7b (aliases: " + ", ".join(ALIASES) + ")")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="folder laid out like the original release")
     for part in ("vit", "qformer", "llm", "proj"):
         p.add_argument(f"--{part}", help=f"override the {part} file/folder")
@@ -178,6 +187,10 @@ def check_args(args):
     for name in ("max_new_tokens", "num_beams", "max_context"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    max_context = args.max_context or MiniGPT4Config.from_name(ALIASES.get(args.model, args.model)).max_context
+    if args.max_new_tokens >= max_context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be < --max-context {max_context} "
+                         "(the answer must fit in the context with the prompt)")
     if not args.greedy and not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0 when sampling, got {args.temperature} (or use --greedy)")
     if not args.greedy and not 0 < args.top_p <= 1:
@@ -193,10 +206,15 @@ def say(msg):
 
 
 def run(args):
-    from data import ImageError, preprocess
+    from data import ImageError, load_image
     check_args(args)
-    pixels = preprocess(args.image) if args.image else None  # a bad image fails before the slow load
-    torch.manual_seed(args.seed) if args.seed is not None else torch.seed()
+    image = None
+    if args.image:
+        image = load_image(args.image)  # a bad image fails before the slow load
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    else:
+        torch.seed()  # a fresh random seed each run, as the original demo
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     t0 = time.time()
     model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
@@ -206,8 +224,8 @@ def run(args):
                 temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 length_penalty=args.length_penalty)
     chat = Chat(model, max_context=args.max_context, **opts)
-    if pixels is not None:
-        chat.upload_img(pixels)
+    if image is not None:
+        chat.upload_img(image)  # preprocessed at the model's image size
     if args.prompt is not None:
         chat.ask(args.prompt)
         print(chat.answer(), flush=True)
@@ -223,19 +241,24 @@ def run(args):
         if not line:
             continue
         if line.startswith("/"):
-            cmd, _, path = line.partition(" ")
-            path = path.strip() if cmd == "/image" else args.image
-            if cmd not in ("/reset", "/image") or not path and cmd == "/image":
-                say(HELP)  # an unknown command is never sent to the model
+            cmd, _, arg = line.partition(" ")
+            if cmd == "/image" and arg.strip():
+                path = arg.strip()
+            elif cmd == "/reset":
+                path = args.image  # start over about the same image (None: no image)
+            else:  # an unknown command, or /image without a path: never sent to the model
+                say(HELP)
                 continue
-            try:  # load first: a bad path keeps the current conversation and image
-                pixels = preprocess(path) if path else None
-            except (ImageError, OSError, ValueError) as e:
-                say(f"error: {e}")
-                continue
+            image = None
+            if path:
+                try:  # load first: a bad path keeps the current conversation and image
+                    image = load_image(path)
+                except (ImageError, OSError, ValueError) as e:
+                    say(f"error: {e}")
+                    continue
             chat.reset()
-            if pixels is not None:
-                chat.upload_img(pixels)
+            if image is not None:
+                chat.upload_img(image)
             args.image = path
             say(f"(new conversation{' about ' + path if path else ''})")
             continue

@@ -7,7 +7,7 @@ import torch
 from conftest import assert_close, load_reference
 
 from checkpoint import CheckpointError
-from model import MiniGPT4, MissingWeights, beam_search, find_weights
+from model import TEMPLATES, MiniGPT4, MissingWeights, beam_search, find_weights
 from sample import Chat
 
 
@@ -74,6 +74,44 @@ def test_chat_context_cap_drops_oldest_turns(model, ref_dir, capsys):
     assert texts[0].startswith("<Img><ImageHere></Img>") and texts[-1] == questions[-1]
     assert questions[0] not in texts  # the oldest exchange without the image went first
     assert "will not see" not in capsys.readouterr().err  # dropped whole turns, no left cut
+
+
+def test_first_turn_is_the_original_prompt(model, ref_dir):
+    """ChatTemplate.first_turn (MiniGPT4.answer, bench) and Chat's first context both give the original's prompt."""
+    ref, js = load_reference(ref_dir, model.cfg.variant)
+    prompt = js["chat"][0]["prompt"]
+    assert TEMPLATES[model.cfg.variant].first_turn(js["question"]) == prompt
+    chat = Chat(model)
+    chat.upload_img(ref["chat0.img_embeds"][0])
+    chat.ask(js["question"])
+    chat.messages.append(dict(role="assistant", text=None, images=[], ids=None))  # what answer() adds first
+    items = chat.items()
+    assert "".join(p if isinstance(p, str) else "<ImageHere>" for p in items) == prompt
+
+
+def test_chat_left_cut_keeps_newest_tokens(model, ref_dir, capsys):
+    """A context that no image-free turn can shorten is cut at its start, never to nothing; an answer longer
+    than the cap is refused."""
+    ref, js = load_reference(ref_dir, model.cfg.variant)
+    chat = Chat(model, **greedy(max_new_tokens=6))
+    chat.upload_img(ref["chat0.img_embeds"][0])
+    chat.ask(js["question"])
+    full = chat.context_embeds()
+    chat.max_context = full.shape[1] // 2
+    assert torch.equal(chat.fit(6), full[:, -(chat.max_context - 6):])
+    assert torch.equal(chat.fit(chat.max_context + 5), full[:, -1:])  # the newest token at least
+    assert "will not see its start" in capsys.readouterr().err
+    fed = []
+    orig = model.generate
+    model.generate = lambda emb, **kw: fed.append(emb) or orig(emb, **kw)
+    try:
+        chat.answer()
+    finally:
+        del model.generate
+    chat.messages[-1]["ids"] = None
+    assert torch.equal(fed[0], chat.context_embeds()[:, -(chat.max_context - 6):])
+    with pytest.raises(ValueError, match=f"max_new_tokens {chat.max_context} must be < the context cap"):
+        chat.answer(max_new_tokens=chat.max_context)
 
 
 def test_batch_matches_each_alone(model, ref_dir):
@@ -186,6 +224,15 @@ def test_missing_weights_lists_every_file(tmp_path):
         assert part in msg
 
 
+def test_find_weights_bad_folder_or_preset(ref_dir, tmp_path):
+    afile = tmp_path / "weights.pth"
+    afile.write_bytes(b"")
+    with pytest.raises(MissingWeights, match=f"^--weights {afile}: not a folder$"):
+        find_weights(afile, "vicuna-7b")
+    with pytest.raises(ValueError, match="'tiny' has no release weights"):  # a config preset for tests only
+        find_weights(ref_dir, "tiny")
+
+
 def link_fixture(ref_dir, tmp_path, names):
     for name in names:
         (tmp_path / name).symlink_to(ref_dir / name)
@@ -235,7 +282,7 @@ def test_checkpoint_layout_and_round_trip(model, ref_dir, tmp_path):
     name = "minigpt4_proj.pth" if model.cfg.variant == "vicuna0" else "minigpt4_llama2_proj.pth"
     original = torch.load(ref_dir / name, weights_only=True)
     path = tmp_path / "checkpoint_4.pth"
-    model.save_projection(path, optimizer={}, epoch=4)
+    torch.save({"model": model.trainable_state_dict(), "optimizer": {}, "epoch": 4}, path)  # as train.py saves
     ours = torch.load(path, weights_only=True)
     assert set(ours) == {"model", "optimizer", "epoch"}
     assert {k: (tuple(v.shape), v.dtype) for k, v in ours["model"].items()} == \

@@ -105,6 +105,8 @@ def one_error_line(capsys):
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--device", "cuda"], "CUDA is not available"),
+    (["--max-new-tokens", "2000"], "--max-new-tokens 2000 must be < --max-context 2000"),  # the default cap
+    (["--max-new-tokens", "8", "--max-context", "8"], "--max-new-tokens 8 must be < --max-context 8"),
 ])
 def test_bad_options_one_clear_line(ref_dir, capsys, args, expect):
     if args == ["--device", "cuda"] and torch.cuda.is_available():
@@ -148,3 +150,36 @@ def test_interactive_commands(ref_dir, capsys, monkeypatch):
     assert rc == 0 and asked == [QUESTION]
     assert err.count(sample.HELP) == 2 and "nope.png" in err and "new conversation" not in err
     assert out.strip() == answer  # the image survived the bad /image: same answer as a fresh chat about it
+
+
+def test_answer_longer_than_the_llm_context(ref_dir, capsys):
+    """--max-context above the LLM's context is capped there: an answer that cannot fit is one clear line."""
+    n = json.loads((ref_dir / "llama" / "config.json").read_text())["max_position_embeddings"]
+    rc = sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir), "--prompt", QUESTION,
+                      "--max-context", str(n + 2), "--max-new-tokens", str(n + 1)])
+    assert rc != 0 and f"must be < the context cap {n}" in one_error_line(capsys)
+
+
+def test_model_choices_and_weights_not_a_folder(ref_dir, capsys):
+    argv = ["--image", str(ref_dir / "image0_rgba.png"), "--prompt", QUESTION]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + ["--weights", str(ref_dir), "--model", "tiny"])  # a test-only preset: no release files
+    assert e.value.code == 2 and "invalid choice: 'tiny'" in capsys.readouterr().err
+    afile = ref_dir / "minigpt4_proj.pth"
+    assert sample.main(argv + ["--weights", str(afile)]) == 1
+    assert one_error_line(capsys) == f"error: --weights {afile}: not a folder"
+
+
+def test_image_preprocessed_at_the_model_size(ref_dir, ref_config, capsys, monkeypatch):
+    """The image is checked before the weights load, then preprocessed at the ViT's img_size (from the folder)."""
+    import data
+    sizes, orig = [], data.preprocess
+    monkeypatch.setattr(data, "preprocess", lambda *a, **kw: sizes.append(kw.get("size")) or orig(*a, **kw))
+    rc = sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir), "--prompt", QUESTION,
+                      "--greedy", "--max-new-tokens", "2"])
+    assert rc == 0 and sizes == [ref_config["dims"]["vit"]["img_size"]]
+    capsys.readouterr()
+    loads = []
+    monkeypatch.setattr(sample.MiniGPT4, "from_pretrained", lambda *a, **kw: loads.append(a))
+    rc = sample.main(["--image", str(ref_dir / "config.json"), "--weights", str(ref_dir), "--prompt", QUESTION])
+    assert rc == 1 and loads == [] and "cannot read image" in one_error_line(capsys)
