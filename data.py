@@ -1,8 +1,5 @@
-"""Data for MiniGPT-4: image preprocessing, the stage-1 shard dataset, the stage-2 cc_sbu_align dataset,
-the caption clean-up, and a command that packs your own images into shards:
-
-    python data.py pack IMAGES_DIR CAPTIONS OUT_DIR --shard-size 1000 [--resize 224]
-"""
+"""Data for MiniGPT-4: image preprocessing, the stage-1 shard dataset, the stage-2 cc_sbu_align dataset, the
+caption clean-up, and `python data.py pack IMAGES_DIR CAPTIONS OUT_DIR [--shard-size 1000] [--resize 224]`."""
 import argparse
 import csv
 import glob as globlib
@@ -23,12 +20,10 @@ from PIL import Image, ImageOps
 # ----------------------------------------------------------------------------------------------------------
 # Images: the original eval processor (`Blip2ImageEvalProcessor`): convert("RGB") -> PIL bicubic resize to
 # size x size -> ToTensor -> CLIP mean/std. Decisions, on top of the original:
-# - RGBA/LA: alpha is simply dropped and palettes ("P", with or without transparency) are expanded, exactly
-#   what convert("RGB") does; CMYK uses Pillow's conversion, like the original.
-# - 16-bit grayscale (modes I;16*, and I, taken as 0..65535) is scaled to 8 bits (round(v / 257)); Pillow's
-#   own convert would clip every value above 255 to white.
-# - EXIF orientation is NOT applied by default (the original ignores it); `exif=True` honours it.
-# - Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS) stays on: a bomb is an ImageError.
+# - RGBA/LA: alpha dropped, palettes expanded, CMYK converted: exactly what convert("RGB") does.
+# - 16-bit gray (modes I;16*, I: 0..65535) -> 8 bits (round(v / 257)); convert would clip above 255 to white.
+# - EXIF orientation is ignored (as the original) unless exif=True. Pillow's decompression-bomb limit
+#   (PIL.Image.MAX_IMAGE_PIXELS) stays on: a bomb is an ImageError.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -111,23 +106,29 @@ def braceexpand(pattern):
     if not m:
         return [pattern]
     r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-    items = [f"{i:0{len(r.group(1))}d}" for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r \
-        else m.group(1).split(",")
-    return [p for it in items for p in braceexpand(pattern[:m.start()] + it + pattern[m.end():])]
+    if r:  # a range, as wide as its first number: {8..10} -> 8 9 10; {000..002} -> 000 001 002
+        items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
+    else:  # a list: {x,y} -> x y
+        items = m.group(1).split(",")
+    expanded = [pattern[:m.start()] + item + pattern[m.end():] for item in items]  # each item in place of {...}
+    return [p for e in expanded for p in braceexpand(e)]  # then the braces left in each, flattened
 
 
 def expand_shards(spec, check=True):
     """Shard files from brace ranges, globs, lists joined by ',' or '::' (outside braces), or a Python list.
     check: every file must exist (one error listing the first missing ones)."""
     out = []
-    for part in spec if isinstance(spec, (list, tuple)) else [spec]:
-        for piece in re.split(r"::|,(?![^{]*\})", os.fspath(part)):
+    for part in (spec if isinstance(spec, (list, tuple)) else [spec]):
+        for piece in re.split(r"::|,(?![^{]*\})", os.fspath(part)):  # at '::', and at ',' outside {...}
             for p in braceexpand(piece.strip()):
-                if re.search(r"[*?\[]", p):
+                if re.search(r"[*?\[]", p):  # a glob
                     hits = sorted(globlib.glob(p))
                     if check and not hits:
                         raise FileNotFoundError(f"no shard matches {p!r}")
                     out += hits
+                elif check and os.path.isdir(p):
+                    raise FileNotFoundError(f"shards {p!r} is a directory: give its tar files, e.g. "
+                                            f"'{p.rstrip('/')}/*.tar' or '{p.rstrip('/')}/{{00000..N}}.tar'")
                 elif p:
                     out.append(p)
     missing = [p for p in out if not os.path.isfile(p)] if check else []
@@ -156,7 +157,8 @@ def read_tar(path):
             if k != key and rec:
                 yield key, rec
                 rec = {}
-            key, rec[ext.lower()] = k, tar.extractfile(m).read()
+            key = k
+            rec[ext.lower()] = tar.extractfile(m).read()
     if rec:
         yield key, rec
 
@@ -193,22 +195,15 @@ def _bad(key, error):  # a sample that collate() drops and counts
 #       ds.set_epoch(epoch)
 #       for batch in loader:              # batch["image"] (B, 3, 224, 224), batch["text"] [B] cleaned captions
 #           state = track(state, batch)   # save `state` with the checkpoint (per rank: it differs by rank)
-# - Epoch: the shard list is shuffled with (seed, epoch) and split over the global workers (split_shards):
-#   each sample is read once per epoch. Want #shards >= world_size * num_workers (ideally a multiple); with
-#   fewer, some workers get no shard (a warning). Then a shuffle buffer. All randomness comes from (seed,
-#   epoch, rank, worker), so each worker's stream is repeatable. Ranks can end an epoch with different batch
-#   counts: under DDP run a fixed number of steps per epoch (as the original's iters_per_epoch).
-# - Several datasets (LAION + CC/SBU, 115:14): one ShardDataset and DataLoader each; train.py draws the
-#   source of each BATCH with the ratio, as the original's MultiIterLoader (so a batch holds one dataset).
-# - Bad samples (corrupt/truncated/missing image, no caption, broken shard) become {"image": None, "error"}
-#   items; `collate` drops and counts them (batch["skipped"], batch["errors"]: the only count, as the
-#   samples are decoded in the worker processes); never a zero-filled sample. A batch may thus hold fewer
-#   than batch_size samples, even none (skip it).
-# - Resume: each sample carries (epoch, worker, position = records this worker's stream has read); track()
-#   keeps the last position per stream and which stream's turn is next. A DataLoader takes its workers in
-#   turn from worker 0 (skipping finished ones), so after load_state_dict() DataLoader worker i reads stream
-#   (i + next) % num_workers, each stream replaying without decoding up to its position: the batches go on
-#   in exactly the same order (same world_size, num_workers and batch_size required; the first two checked).
+# - Epoch: the shards are shuffled by (seed, epoch) and split over the global workers (split_shards; want
+#   #shards >= world_size * num_workers, else idle workers, a warning), then a shuffle buffer: each sample once
+#   per epoch, repeatably. Ranks may end an epoch at different batch counts: under DDP run a fixed number of
+#   steps per epoch (as the original's iters_per_epoch). Bad samples (image, caption, shard) become
+#   {"image": None, "error"} items that `collate` drops and counts: a batch may hold fewer samples, even none.
+# - Resume: each sample carries (epoch, worker, position = records its stream has read); track() keeps the
+#   last position per stream and whose turn is next. DataLoader workers take turns from worker 0 (skipping
+#   finished ones), so after load_state_dict() worker i reads stream (i + next) % num_workers, replaying to
+#   its position without decoding: the same batches in order (same world_size, num_workers (checked), batch_size).
 
 def track(state, batch):
     """The data position after `batch` (or a sample), to save with a checkpoint and load_state_dict later."""
@@ -255,7 +250,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         text = pre_caption(caption, self.max_words) if isinstance(caption, str) else ""
         ext = next((e for e in IMAGE_EXTS if e in rec), None)
         if ext is None or not text:
-            return _bad(key, f"{key}: " + ("no image" if ext is None else "no caption"))
+            return _bad(key, f"{key}: no image" if ext is None else f"{key}: no caption")
         try:
             image = preprocess(rec[ext], self.train, self.size, generator, name=f"{key}.{ext}")
         except ImageError as e:
@@ -299,12 +294,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stage 2: the cc_sbu_align folder (filter_cap.json {"annotations": [{"image_id", "caption"}]} and
-# image/{image_id}.jpg), map-style: AlignDataset(root)[i] -> {"image", "text", "instruction", "key"}; under
-# DDP use a DistributedSampler (set_epoch on both). The caption is used as is (the original's
-# CCSBUAlignDataset does not clean it). One instruction per sample, seeded by (seed, epoch, index), from a list
-# (default prompts/alignment.txt; lines without <ImageHere> are ignored, as in the original, which draws one
-# per batch); train.py wraps it in the template ('###Human: {} ###Assistant: '). Bad samples: {"image": None}.
+# Stage 2: the cc_sbu_align folder (filter_cap.json {"annotations": [{"image_id", "caption"}]}, image/ID.jpg),
+# map-style: AlignDataset(root)[i] -> {"image", "text" (as is, like the original), "instruction", "key"}. One
+# instruction per sample (the original: per batch), seeded by (seed, epoch, index), from a list (default
+# prompts/alignment.txt; lines without <ImageHere> are ignored). Bad samples: {"image": None}.
 DEFAULT_INSTRUCTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "alignment.txt")
 
 
@@ -374,45 +367,54 @@ def collate(samples):
 # pack: a folder of images + a captions file -> OUT_DIR/00000.tar, 00001.tar, ... in the img2dataset layout.
 
 def read_captions(path):
-    """[(file, caption)] from JSON {"file": "caption"}, a JSON list of {"file", "caption"} or [file, caption],
-    or a CSV with columns file,caption."""
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f)) if str(path).lower().endswith(".csv") else json.load(f)
-    if isinstance(rows, dict):
-        return list(rows.items())
+    """[(file, caption)] from JSON {file: caption}, [{file, caption}], [[file, caption]], or CSV file,caption."""
     try:
-        return [(r["file"], r["caption"]) if isinstance(r, dict) else (r[0], r[1]) for r in rows]
-    except (KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{path}: expected {{file: caption}}, a list of {{file, caption}} or a CSV with "
-                         f"columns file,caption ({type(e).__name__}: {e})") from e
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a leading BOM is dropped
+            rows = list(csv.DictReader(f)) if str(path).lower().endswith(".csv") else json.load(f)
+        rows = list(rows.items()) if isinstance(rows, dict) else rows  # {"file": "caption"} -> pairs
+        pairs = []
+        for row in rows:  # {"file": ..., "caption": ...} (also a CSV row) or [file, caption]
+            pair = (row["file"], row["caption"]) if isinstance(row, dict) else (row[0], row[1])
+            if not (isinstance(pair[0], str) and isinstance(pair[1], str)):
+                raise TypeError(f"{pair}: file and caption must be text")
+            pairs.append(pair)
+        return pairs
+    except (OSError, ValueError, csv.Error, KeyError, IndexError, TypeError) as e:  # missing, not JSON, ...
+        raise ValueError(f"captions file {path}: expected {{file: caption}}, a list of {{file, caption}} or "
+                         f"[file, caption], or a CSV with columns file,caption ({type(e).__name__}: {e})") from e
 
 
 def pack(images_dir, captions, out_dir, shard_size=1000, resize=None):
-    """Write the shards; unreadable images are skipped with a warning. Returns (shard paths, written, skipped)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the shards -> (shard paths, written, skipped); an unreadable image is skipped (a line on stderr)."""
+    if not os.path.isdir(images_dir):
+        raise ValueError(f"images folder {images_dir} does not exist or is not a folder")
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
     shards, tar, written, skipped = [], None, 0, 0
     for file, caption in read_captions(captions):
         path = os.path.join(images_dir, file)
         try:
             img = load_image(path)
         except ImageError as e:
-            warnings.warn(f"pack: skipped {e}")
+            print(f"pack: skipped {e}", file=sys.stderr)
             skipped += 1
             continue
-        ext = os.path.splitext(file)[1].lower().lstrip(".").replace("jpeg", "jpg")
+        ext = os.path.splitext(file)[1].lower().lstrip(".").replace("jpeg", "jpg")  # "a.JPEG" -> "jpg"
         if resize or ext not in IMAGE_EXTS:  # re-encode (resized to resize x resize, bicubic) as JPEG
+            img = img.resize((resize, resize), Image.BICUBIC) if resize else img
             buf = io.BytesIO()
-            (img.resize((resize, resize), Image.BICUBIC) if resize else img).save(buf, "JPEG", quality=95)
+            img.save(buf, "JPEG", quality=95)
             blob, ext = buf.getvalue(), "jpg"
         else:  # the original bytes
             with open(path, "rb") as f:
                 blob = f.read()
-        if written % shard_size == 0:
+        if written % shard_size == 0:  # start the next shard
             if tar:
                 tar.close()
+            os.makedirs(out_dir, exist_ok=True)
             shards.append(os.path.join(out_dir, f"{len(shards):05d}.tar"))
             tar = tarfile.open(shards[-1], "w")
-        key = f"{len(shards) - 1:05d}{written % shard_size:0{len(str(shard_size - 1))}d}"  # as img2dataset
+        key = f"{len(shards) - 1:05d}" + str(written % shard_size).zfill(len(str(shard_size - 1)))  # shard+index
         meta = json.dumps({"caption": caption, "key": key, "file": file}).encode()
         for name, b in ((f"{key}.{ext}", blob), (f"{key}.txt", caption.encode()), (f"{key}.json", meta)):
             info = tarfile.TarInfo(name)
@@ -433,7 +435,13 @@ def main(argv=None):
     pk.add_argument("--shard-size", type=int, default=1000)
     pk.add_argument("--resize", type=int, default=None, help="store images resized to NxN (bicubic, JPEG)")
     args = p.parse_args(argv)
-    shards, written, skipped = pack(args.images_dir, args.captions, args.out_dir, args.shard_size, args.resize)
+    try:
+        shards, written, skipped = pack(args.images_dir, args.captions, args.out_dir, args.shard_size, args.resize)
+        if written == 0:
+            raise ValueError(f"no sample written to {args.out_dir} ({skipped} skipped)")
+    except (ValueError, OSError) as e:  # one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {written} samples in {len(shards)} shards to {args.out_dir} ({skipped} skipped)")
 
 

@@ -1,7 +1,10 @@
 """data.py: preprocessing vs the original's pixel_values, a bad-image corpus, the shard and align datasets."""
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
 
@@ -188,6 +191,13 @@ def test_expand_shards(tmp_path):
         data.expand_shards(str(tmp_path / "d/{00000..00005}.tar"))
     with pytest.raises(FileNotFoundError, match="no shard"):
         data.expand_shards(str(tmp_path / "nothing/*.tar"))
+    for spec in (str(tmp_path / "d"), str(tmp_path / "d") + "/"):  # a folder: say so, suggest the patterns
+        with pytest.raises(FileNotFoundError, match="is a directory") as e:
+            data.expand_shards(spec)
+        assert f"'{tmp_path / 'd'}/*.tar'" in str(e.value) and f"'{tmp_path / 'd'}/{{00000..N}}.tar'" in str(e.value)
+    # nested and repeated braces, padding from the first number, in order
+    assert data.braceexpand("{a,b}/{8..10}-{0..1}") == [f"{x}/{n}-{m}" for x in "ab" for n in (8, 9, 10) for m in (0, 1)]
+    assert data.braceexpand("s{099..101}.tar") == ["s099.tar", "s100.tar", "s101.tar"]
 
 
 def test_pre_caption():
@@ -335,7 +345,7 @@ def test_align_dataset(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- pack
 
-def test_pack_round_trip(tmp_path):
+def test_pack_round_trip(tmp_path, capsys):
     images = tmp_path / "imgs"
     images.mkdir()
     caps = {}
@@ -347,8 +357,11 @@ def test_pack_round_trip(tmp_path):
     (images / "broken.jpg").write_text("nope")
     caps["broken.jpg"] = "skipped"
     (tmp_path / "caps.json").write_text(json.dumps(caps))
-    with pytest.warns(UserWarning, match="broken.jpg"):
-        data.main(["pack", str(images), str(tmp_path / "caps.json"), str(tmp_path / "out"), "--shard-size", "3"])
+    assert data.main(["pack", str(images), str(tmp_path / "caps.json"), str(tmp_path / "out"), "--shard-size", "3"]) \
+        in (0, None)
+    out, err = capsys.readouterr()
+    assert "wrote 4 samples in 2 shards" in out and "(1 skipped)" in out
+    assert err.count("\n") == 1 and "skipped" in err and "broken.jpg" in err  # one line per skipped image
     shards = sorted((tmp_path / "out").glob("*.tar"))
     assert [p.name for p in shards] == ["00000.tar", "00001.tar"]
     texts = sorted(s["text"] for s in data.ShardDataset(str(tmp_path / "out/{00000..00001}.tar"), size=8))
@@ -361,3 +374,53 @@ def test_pack_round_trip(tmp_path):
     recs = dict(data.read_tar(shards[0]))
     assert Image.open(io.BytesIO(recs["00000000"]["jpg"])).size == (32, 32)
     assert json.loads(recs["00000000"]["json"])["caption"] == "One, with comma"
+
+
+def _pack_error(capsys, *argv):
+    """Run `data.py pack ARGV`: must exit 1 with one line 'error: ...' on stderr (after any skip lines)."""
+    assert data.main(["pack", *map(str, argv)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.endswith("\n") and err.splitlines()[-1].startswith("error: ")
+    return err.splitlines()[-1]
+
+
+def test_pack_bad_input_one_line_errors(tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.jpg")
+    (images / "broken.jpg").write_text("nope")
+    good = tmp_path / "caps.json"
+    good.write_text(json.dumps({"a.jpg": "A"}))
+    out = tmp_path / "out"
+    msg = _pack_error(capsys, tmp_path / "nope", good, out)
+    assert "nope" in msg and "does not exist" in msg
+    assert "shard size must be >= 1" in _pack_error(capsys, images, good, out, "--shard-size", "0")
+    assert not out.exists()  # nothing created for bad arguments
+    (tmp_path / "caps.txt").write_text("a.jpg: A\n")  # not JSON
+    (tmp_path / "shape.json").write_text(json.dumps([{"name": "a.jpg"}]))
+    (tmp_path / "nontext.json").write_text(json.dumps({"a.jpg": None}))
+    (tmp_path / "number.json").write_text("5")
+    (tmp_path / "cols.csv").write_text("image,text\na.jpg,A\n")
+    for bad in ("missing.json", "caps.txt", "shape.json", "nontext.json", "number.json", "cols.csv"):
+        msg = _pack_error(capsys, images, tmp_path / bad, out)
+        assert str(tmp_path / bad) in msg and "captions file" in msg, bad
+    with pytest.raises(ValueError, match="caps.txt"):  # the Python API raises the same ValueError
+        data.read_captions(tmp_path / "caps.txt")
+    (tmp_path / "only_broken.json").write_text(json.dumps({"broken.jpg": "B", "gone.jpg": "C"}))
+    assert data.main(["pack", str(images), str(tmp_path / "only_broken.json"), str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "broken.jpg" in err[0] and "gone.jpg" in err[1]
+    assert err[2] == f"error: no sample written to {out} (2 skipped)"
+    # a CSV with a BOM (as spreadsheets save it) and a JSON list of [file, caption] both read
+    (tmp_path / "bom.csv").write_bytes("file,caption\na.jpg,A\n".encode("utf-8-sig"))
+    (tmp_path / "list.json").write_text(json.dumps([["a.jpg", "A"]]))
+    assert data.read_captions(tmp_path / "bom.csv") == data.read_captions(tmp_path / "list.json") == [("a.jpg", "A")]
+
+
+def test_pack_command_line_exit_status(tmp_path):
+    """The real `python data.py pack`: exit status 1 and one stderr line, no traceback."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(repo, "data.py"), "pack", str(tmp_path / "nope"),
+                          str(tmp_path / "caps.json"), str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.splitlines() == [f"error: images folder {tmp_path / 'nope'} does not exist or is not a folder"]
