@@ -3,7 +3,7 @@ Train MiniGPT-4's projection `llama_proj` (the only trained weights) with the or
 
     python train.py --stage 1 --data='laion/{00000..10488}.tar' --out_dir=out/stage1      # one GPU
     python train.py --stage 1 --data='laion/{00000..10488}.tar:115,cc_sbu/{00000..01255}.tar:14'  # mixed per batch
-    torchrun --standalone --nproc_per_node=4 train.py --stage 1 --data=...                # 4 GPUs (DDP)
+    torchrun --standalone --nproc_per_node=4 train.py --stage 1 --data=...                # 4 GPUs
     python train.py --stage 2 --data=cc_sbu_align --init=out/stage1/ckpt.pth --out_dir=out/stage2
     python train.py --stage 1 --config tiny --data=... --out_dir=out/tiny1                # CPU, seconds
     ... --resume                                   # continue out_dir/ckpt.pth exactly where it stopped
@@ -13,7 +13,6 @@ they apply on top of the stage preset and then the --config preset. Outputs: out
 original's checkpoint format: {"model": {"llama_proj.weight", "llama_proj.bias"}, "optimizer", "scaler",
 "config", "step", "epoch"} plus our own "rng", "data" and "loss" keys) and out_dir/log.jsonl.
 """
-import contextlib
 import json
 import math
 import os
@@ -23,12 +22,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
+from checkpoint import CheckpointError, read_checkpoint
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "reference", "tiny")
 PEAKS = [  # (part of the GPU name, bf16 dense TFLOP/s, memory TB/s), for MFU; the first match wins
@@ -86,60 +84,56 @@ CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
 }
 
 
+RESUME_MAY_CHANGE = ("stop_step", "log_interval", "ckpt_interval", "device", "out_dir", "resume",  # --resume:
+                     "weights", "vit", "qformer", "llm", "init", "grad_checkpointing", "peak_flops")  # rest fixed
+MINIMUM = dict(batch_size=1, grad_accum=1, log_interval=1, ckpt_interval=1, iters_per_epoch=1, max_epoch=1,
+               max_txt_len=1, num_workers=0, warmup_steps=0, stop_step=0)
+BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
 def parse_args(argv):
-    """argv -> TrainConfig: defaults, then the --stage preset, then the --config preset, then --key=value."""
-    if {"-h", "--help"} & set(argv):
-        defaults = "\n".join(f"  --{f.name}={f.default}" for f in fields(TrainConfig))
-        print(f"{__doc__}\noptions (stage-1 defaults; --stage 2 and --config tiny change some):\n{defaults}")
-        raise SystemExit(0)
-    opts, i = {}, 0
-    while i < len(argv):
-        if not argv[i].startswith("--"):
-            raise SystemExit(f"unexpected argument {argv[i]!r}: options are --key=value")
-        k, eq, v = argv[i][2:].partition("=")
+    """argv -> TrainConfig: defaults, then the --stage preset, then the --config preset, then --key=value.
+    A bad option or value raises ValueError."""
+    opts, rest = {}, list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: options are --key=value")
+        key, eq, value = arg[2:].partition("=")
         if not eq:  # --key value, or a bare --flag (true)
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            v, i = (argv[i + 1], i + 1) if has_value else ("true", i)
-        opts[k.replace("-", "_")], i = v, i + 1
-    stage, preset = opts.get("stage", "1"), opts.pop("config", None)
+            value = rest.pop(0) if rest and not rest[0].startswith("--") else "true"
+        opts[key.replace("-", "_")] = value
+    stage, preset = opts.pop("stage", "1"), opts.pop("config", None)
     if stage not in ("1", "2") or (preset is not None and preset not in CONFIGS):
-        raise SystemExit(f"--stage must be 1 or 2 (got {stage}), --config one of {list(CONFIGS)} (got {preset})")
-    cfg = TrainConfig(**{"stage": int(stage), **STAGES[int(stage)], **CONFIGS.get(preset, {})})
-    cfg.out_dir = f"out/{preset}-stage{stage}" if preset else cfg.out_dir
+        raise ValueError(f"--stage must be 1 or 2 (got {stage}), --config one of {list(CONFIGS)} (got {preset})")
+    cfg = TrainConfig(stage=int(stage), **(STAGES[int(stage)] | CONFIGS.get(preset, {})))
+    if preset:
+        cfg.out_dir = f"out/{preset}-stage{stage}"
     types = {f.name: f.type for f in fields(TrainConfig)}
-    for k, v in opts.items():
-        t = types.get(k)
+    for key, value in opts.items():
+        t = types.get(key)
         if t is None:
-            raise SystemExit(f"unknown option --{k} (known: {', '.join(types)})")
+            raise ValueError(f"unknown option --{key} (known: {', '.join(types)})")
         try:
-            if t is bool and v.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            setattr(cfg, k, v.lower() in ("true", "1") if t is bool else t(v))
-        except ValueError:
-            raise SystemExit(f"--{k} expects {t.__name__}, got {v!r}") from None
+            setattr(cfg, key, BOOLS[value.lower()] if t is bool else t(value))
+        except (KeyError, ValueError):
+            raise ValueError(f"--{key} expects {t.__name__}, got {value!r}") from None
+    for key, low in MINIMUM.items():
+        if getattr(cfg, key) < low:
+            raise ValueError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
+    if cfg.dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"--dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     return cfg
 
 
-# ------------------------------------------------------------------------------------------ DDP, schedule
-def setup_ddp(cfg):
-    """(rank, world_size, device) from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPU, gloo on CPU)."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
-
-
+# ---------------------------------------------------------------------------------------------- schedule
 def get_lr(cfg, step):
-    """The original LinearWarmupCosineLRScheduler (minigpt4/common/optims.py), set before optimizer step
-    `step` (0-based): linear from warmup_lr to lr over warmup_steps, then a cosine from lr to min_lr over all
-    max_epoch * iters_per_epoch steps counted from step 0, warmup included (stage 1 thus goes from ~1e-4 to
-    9.7e-5 at step 5000). The original counts micro-steps; we count optimizer steps (same with grad_accum=1)."""
+    """The original LinearWarmupCosineLRScheduler (minigpt4/common/optims.py) before optimizer step `step`:
+    linear from warmup_lr to lr over warmup_steps, then a cosine from lr to min_lr over all max_epoch *
+    iters_per_epoch steps from step 0, warmup included (stage 1: ~1e-4 to 9.7e-5 at step 5000). The original
+    counts micro-steps; we count optimizer steps (the same with grad_accum=1)."""
     if step < cfg.warmup_steps:
         return min(cfg.lr, cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(cfg.warmup_steps, 1))
     total = cfg.max_epoch * cfg.iters_per_epoch
@@ -148,50 +142,51 @@ def get_lr(cfg, step):
 
 def build_optimizer(cfg, model):
     """AdamW over the trainable parameters; weight decay on matrices only (not biases, norms, 1-D)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def rng_state():
-    """This process's RNG states as tensors and numbers (weights_only-loadable)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "python": torch.tensor(random.getstate()[1]),
-          "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
+def save_checkpoint(path, model, optimizer, scaler, cfg, step, losses, data_state, rank, world):
+    """Every rank calls it: rank 0 writes the RNG and data states of all ranks, atomically (a temp file, then
+    os.replace: a crash never leaves half a file). The CPU torch RNG is the only global one training draws from
+    (the DataLoader's worker seeds; data.py and Batches seed their own generators; no dropout)."""
+    per_rank = [(torch.get_rng_state(), data_state)]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, (torch.get_rng_state(), data_state))
+    if rank == 0:
+        ckpt = {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "config": asdict(cfg), "step": step,
+                "epoch": step // cfg.iters_per_epoch, "loss": losses,
+                "rng": [rng for rng, _ in per_rank], "data": [data for _, data in per_rank]}
+        torch.save(ckpt, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
 
 
-def set_rng_state(st):
-    torch.set_rng_state(st["torch"])
-    random.setstate((3, tuple(st["python"].tolist()), None))
-    np.random.set_state(("MT19937", st["numpy"][0].numpy().astype(np.uint32), *st["numpy"][1:]))
-    if "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"])
-
-
-def gather(obj, world):
-    """[obj of rank 0, obj of rank 1, ...] (every rank gets the list)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def save_checkpoint(path, model, optimizer, scaler, cfg, step, epoch, rngs, datas, loss):
-    """Atomic: write a temp file in the same folder, then os.replace (a crash never leaves half a file)."""
-    ckpt = {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "config": asdict(cfg), "step": step, "epoch": epoch,
-            "rng": rngs, "data": datas, "loss": loss}  # rng, data: one entry per rank
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+def load_checkpoint(path, model, optimizer, scaler, cfg, rank, world):
+    """--resume: put back what save_checkpoint wrote -> (step, losses, this rank's data state). Refuses a file
+    without those keys, one saved by another number of processes, or with a changed option that shapes the
+    run (all but RESUME_MAY_CHANGE): one error listing each difference."""
+    ck = read_checkpoint(path)  # weights_only; a missing or unreadable file -> CheckpointError naming it
+    missing = [k for k in ("model", "optimizer", "scaler", "config", "step", "rng", "data", "loss")
+               if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume, no {', '.join(missing)} (not a train.py checkpoint?)")
+    changed = [f"--{key} {ck['config'].get(key)!r} -> {new!r}" for key, new in asdict(cfg).items()
+               if key not in RESUME_MAY_CHANGE and ck["config"].get(key) != new]
+    if changed:
+        raise ValueError(f"{path} was saved with other options; resume with the same or start a new out_dir: "
+                         + ", ".join(changed))
+    if len(ck["rng"]) != world:
+        raise ValueError(f"{path} was saved by {len(ck['rng'])} processes, resuming with {world}")
+    model.load_projection(path)  # exactly llama_proj.{weight,bias}, shapes checked
+    optimizer.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"][rank])
+    return ck["step"], list(ck["loss"]), ck["data"][rank]
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -204,20 +199,22 @@ def data_sources(spec):
         return [(spec, 1.0)]
     bad = [p for p, m in zip(pieces, found) if not m or float(m.group(2)) <= 0]
     if bad:
-        raise SystemExit(f"--data: mixing datasets needs a positive :RATIO after each one; {bad[0]!r} has none")
+        raise ValueError(f"--data: mixing datasets needs a positive :RATIO after each one; {bad[0]!r} has none")
     return [(m.group(1), float(m.group(2))) for m in found]
 
 
 class Source:
     """One dataset's endless batches on this rank, data epoch after data epoch (the original's "epochs" are
-    step counts, so the data simply wraps around). Stage 1: data.ShardDataset (shards split over ranks and
-    workers, exact resume with data.track); stage 2: data.AlignDataset with a seeded per-epoch permutation
-    split over the ranks (drop_last: no sample twice in an epoch). Batches of only bad samples are skipped."""
+    step counts: the data wraps around). Stage 1: data.ShardDataset (shards split over ranks and workers, exact
+    resume with data.track); stage 2: data.AlignDataset, a seeded permutation per epoch split over the ranks
+    (drop_last: no sample twice). Skips batches of only bad samples. Batches saves/restores (epoch, pos)."""
 
     def __init__(self, cfg, spec, seed, rank=0, world=1):
         self.cfg, self.spec, self.seed, self.rank, self.world = cfg, spec, seed, rank, world
-        self.ds = D.ShardDataset(spec, seed=seed, rank=rank, world_size=world) if cfg.stage == 1 \
-            else D.AlignDataset(spec, seed=seed)
+        if cfg.stage == 1:
+            self.ds = D.ShardDataset(spec, seed=seed, rank=rank, world_size=world)
+        else:
+            self.ds = D.AlignDataset(spec, seed=seed)
         self.epoch, self.pos, self.it, self.skipped = 0, None, None, 0
 
     def _loader(self):
@@ -237,12 +234,11 @@ class Source:
         while True:
             if self.it is None:
                 self.it = self._loader()
-            try:
-                batch = next(self.it)
-            except StopIteration:  # next data epoch
+            batch = next(self.it, None)
+            if batch is None:  # the end of this data epoch: on to the next
                 empty_epochs += 1
                 if empty_epochs > 1:
-                    raise SystemExit(f"rank {self.rank}: no usable samples in --data={self.spec}") from None
+                    raise ValueError(f"rank {self.rank}: no usable samples in --data={self.spec}")
                 self.epoch, self.pos, self.it = self.epoch + 1, None, None
                 continue
             if self.cfg.stage == 1:
@@ -255,14 +251,6 @@ class Source:
             if batch["text"]:
                 return batch
 
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, st):
-        self.epoch, self.pos, self.it = st["epoch"], st["pos"], None
-        if self.cfg.stage == 1 and self.pos is not None:
-            self.ds.load_state_dict(self.pos)
-
 
 class Batches:
     """This rank's training batches from one dataset, or from several mixed PER BATCH by --data's ratios, as
@@ -271,7 +259,7 @@ class Batches:
 
     def __init__(self, cfg, rank=0, world=1):
         if not cfg.data:
-            raise SystemExit("--data is required (stage 1: tar shards, stage 2: the cc_sbu_align folder)")
+            raise ValueError("--data is required (stage 1: tar shards, stage 2: the cc_sbu_align folder)")
         specs = data_sources(cfg.data)
         self.sources = [Source(cfg, spec, cfg.seed + i, rank, world) for i, (spec, _) in enumerate(specs)]
         self.ratios, self.seed, self.rank, self.drawn = [r for _, r in specs], cfg.seed, rank, 0
@@ -284,24 +272,24 @@ class Batches:
         return next(self.sources[self.pick(self.drawn - 1)])
 
     def state_dict(self):
-        return {"drawn": self.drawn, "sources": [s.state_dict() for s in self.sources]}
+        return {"drawn": self.drawn, "sources": [{"epoch": s.epoch, "pos": s.pos} for s in self.sources]}
 
     def load_state_dict(self, st):
-        if len(st["sources"]) != len(self.sources):
-            raise SystemExit(f"the checkpoint has {len(st['sources'])} datasets, --data {len(self.sources)}")
         self.drawn = st["drawn"]
         for s, saved in zip(self.sources, st["sources"]):
-            s.load_state_dict(saved)
+            s.epoch, s.pos, s.it = saved["epoch"], saved["pos"], None
+            if s.cfg.stage == 1 and s.pos is not None:
+                s.ds.load_state_dict(s.pos)
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_model(cfg, device=None, dtype=None):
-    """The frozen ViT, Q-Former and LLM in `dtype` (GPU: bf16/fp16; CPU: fp32) on `device`, and llama_proj
+def build_model(cfg, device=None):
+    """The frozen ViT, Q-Former and LLM in cfg.dtype (GPU: bf16/fp16; CPU: fp32) on `device`, and llama_proj
     in fp32 (the master weights AdamW updates; autocast runs its matmul in low precision): from --init,
     else freshly initialised from cfg.seed (nn.Linear's default init, as the original stage 1)."""
     from model import MiniGPT4
     device = torch.device(device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype))
+    dtype = torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype)
     model = MiniGPT4.from_pretrained(cfg.weights, cfg.model, vit=cfg.vit or None, qformer=cfg.qformer or None,
                                      llm=cfg.llm or None, proj=cfg.init or False, dtype=dtype, device=device)
     model.llama_proj.float()
@@ -328,7 +316,7 @@ def train_flops(vit, qf, llm, T, group=4, targets=None):
     kv = llm.n_kv_heads * llm.head_dim
     mm = llm.n_layers * (llm.dim * (2 * llm.dim + 2 * kv) + 3 * llm.dim * llm.hidden_dim)
     att = llm.n_layers * T * T * llm.dim
-    head = 2 * (T if targets is None else targets) * llm.dim * llm.vocab_size  # LM head: target positions only
+    head = 2 * (T if targets is None else targets) * llm.dim * llm.vocab_size  # LM head: target positions (None: all T)
     return dict(vit=vit_f, qformer=qf_f, proj=4 * nq * H * llm.dim, llm_fwd=2 * T * mm + 4 * att + head,
                 llm_bwd=2 * T * mm + 8 * att + head)
 
@@ -341,58 +329,38 @@ def device_peaks(name, tflops=None, tbps=None):
 
 # ------------------------------------------------------------------------------------------------- train
 def train(cfg, batches=None):
-    """Run (or, with cfg.resume, continue) training. `batches`: an iterator of collated batches replacing
-    Batches (tests feed one process the global batch of two ranks). -> {"losses": mean loss per step,
-    "state": the projection's state dict, "step", "skipped": bad samples this rank dropped}."""
-    rank, world, device = setup_ddp(cfg)
-    master = rank == 0
+    """Run (or, with cfg.resume, continue) training -> {"losses": mean loss per step, "state": llama_proj's
+    state dict, "step"}. `batches` replaces Batches (tests feed one process the global batch of two ranks)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = 0, 1
+    if "RANK" in os.environ:  # torchrun: one process per GPU (NCCL), or per CPU process (gloo) in the tests
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device, master = torch.device(device), rank == 0
     amp = device.type == "cuda" and cfg.dtype != "float32"
     autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and cfg.dtype == "float16")
     model = build_model(cfg, device)
     optimizer = build_optimizer(cfg, model)
     torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    own_batches, batches = batches is None, Batches(cfg, rank, world) if batches is None else batches
-    seen = {}  # the LLM's attention mask in the last forward (tokens/s, FLOPs)
-    model.llama_model.register_forward_pre_hook(lambda m, a, kw: seen.update(mask=kw["mask"]), with_kwargs=True)
-
+    if batches is None:
+        batches = Batches(cfg, rank, world)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, step, losses = os.path.join(cfg.out_dir, "ckpt.pth"), 0, []
     if cfg.resume:  # weights, optimizer, scaler, step, RNG and data position of out_dir/ckpt.pth
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if len(ck["rng"]) != world:
-            raise SystemExit(f"{ckpt_path} was saved by {len(ck['rng'])} processes, resuming with {world}")
-        with torch.no_grad():
-            for k, v in ck["model"].items():
-                model.get_parameter(k).copy_(v)
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        step, losses = ck["step"], list(ck["loss"])
-        set_rng_state(ck["rng"][rank])
-        if own_batches:
-            batches.load_state_dict(ck["data"][rank])
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-
-    # DDP sees llama_proj only: every frozen tensor is on its ignore list (never broadcast nor all-reduced)
-    net = model
-    if world > 1:
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
+        step, losses, data_state = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg, rank, world)
+        if isinstance(batches, Batches):
+            batches.load_state_dict(data_state)
     end = min(cfg.stop_step or cfg.max_epoch * cfg.iters_per_epoch, cfg.max_epoch * cfg.iters_per_epoch)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = cfg.peak_flops or 1e12 * (device_peaks(gpu)[0] or 0)  # one GPU's bf16 FLOP/s (0: no MFU)
-    parts = model.cfg.vit, model.Qformer and model.Qformer.config, model.llama_model.cfg
-    flops = lambda T: sum(train_flops(*parts, T, model.cfg.group).values())  # noqa: E731  per sample
-    t0, t_start, step0, skipped = time.time(), time.time(), step, 0
-    meter = torch.zeros(6, dtype=torch.float64)  # this log interval: loss sum, samples, tokens, FLOPs, -, steps
+    parts = (model.cfg.vit, model.cfg.qformer, model.llama_model.cfg)  # qformer None: llama2
+    names = ("loss", "samples", "tokens", "flops", "skipped")  # what the log sums, over micro-steps and ranks
+    interval, logged_step, t0, skipped = dict.fromkeys(names, 0), step, time.time(), 0  # this log interval
     if master:
         print(f"stage {cfg.stage}: {sum(p.numel() for g in optimizer.param_groups for p in g['params']):,} trained, "
               f"steps {step}..{end}, batch {cfg.batch_size} x {cfg.grad_accum} micro-steps x {world} process(es)")
@@ -400,20 +368,29 @@ def train(cfg, batches=None):
         lr = get_lr(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = torch.zeros(6, dtype=torch.float64)  # summed over micro-steps (and then over ranks)
-        for micro in range(cfg.grad_accum):
+        sums = dict.fromkeys(names, 0)
+        for _ in range(cfg.grad_accum):
             batch = next(batches)
-            last = world == 1 or micro == cfg.grad_accum - 1  # all-reduce the gradients on the last one only
-            with (contextlib.nullcontext() if last else net.no_sync()), autocast:
-                loss = net(batch["image"].to(device), batch["text"], batch.get("instruction"),  # stage 1: none
-                           max_txt_len=cfg.max_txt_len)  # stage 2: model.forward wraps it in its template
+            with autocast:  # MiniGPT4.forward's three calls, keeping the mask and the targets for the log
+                img_embeds, _ = model.encode_img(batch["image"].to(device))
+                embeds, mask, labels = model.build_inputs(img_embeds, batch["text"], batch.get("instruction"),
+                                                          max_txt_len=cfg.max_txt_len)  # stage 2: + template
+                loss, logits = model.lm_loss(embeds, mask, labels)  # logits: (targets, V)
             scaler.scale(loss / cfg.grad_accum).backward()
-            B, mask = len(batch["text"]), seen["mask"]
-            stats += torch.tensor([loss.item() / cfg.grad_accum, B, mask.sum().item(), B * flops(mask.shape[1]),
-                                   batch["skipped"], 0], dtype=torch.float64)
-        if world > 1:  # sums over ranks; also how every rank learns that one of them saw a NaN
-            dist.all_reduce(stats)
-        loss_val = stats[0].item() / world
+            (B, T), targets = mask.shape, logits.shape[0]
+            sums["loss"] += loss.item() / cfg.grad_accum
+            sums["samples"] += B
+            sums["tokens"] += mask.sum().item()  # real (not padding) LLM tokens
+            sums["flops"] += B * sum(train_flops(*parts, T, model.cfg.group, targets=targets / B).values())
+            sums["skipped"] += batch["skipped"]
+        if world > 1:  # data parallel: average llama_proj's gradients (the only trained weights) over the ranks
+            for p in model.llama_proj.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            total = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(total)  # the log's sums over the ranks; also how every rank learns of a NaN
+            sums = dict(zip(names, total.tolist()))
+        loss_val = sums["loss"] / world
         if not math.isfinite(loss_val):  # stop before the update: the weights and the last checkpoint stay good
             last = f"last good checkpoint: {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint yet"
             raise FloatingPointError(f"step {step}: loss is {loss_val} (not finite); stopped without updating "
@@ -426,41 +403,48 @@ def train(cfg, batches=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(loss_val)
-        stats[0], stats[5] = loss_val, 1
-        meter += stats
-        skipped += int(stats[4].item())
+        sums["loss"] = loss_val
+        for name in names:
+            interval[name] += sums[name]
+        skipped += int(sums["skipped"])
         if step % cfg.log_interval == 0 or step == end:
-            dt, k = time.time() - t0, meter[5].item()
-            rec = {"step": step, "epoch": (step - 1) // cfg.iters_per_epoch, "loss": meter[0].item() / k, "lr": lr,
-                   "samples_per_s": meter[1].item() / dt, "tokens_per_s": meter[2].item() / dt, "skipped": skipped}
+            dt, n = time.time() - t0, step - logged_step
+            rec = {"step": step, "epoch": (step - 1) // cfg.iters_per_epoch, "loss": interval["loss"] / n, "lr": lr,
+                   "samples_per_s": interval["samples"] / dt, "tokens_per_s": interval["tokens"] / dt,
+                   "skipped": skipped, "eta_s": dt / n * (end - step)}  # at this interval's pace
             if peak:
-                rec["mfu"] = meter[3].item() / dt / (peak * world)
+                rec["mfu"] = interval["flops"] / dt / (peak * world)
             if device.type == "cuda":
                 rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            rec["eta_s"] = (time.time() - t_start) / (step - step0) * (end - step)
             if master:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            meter.zero_()
-            t0 = time.time()
+                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as log:
+                    log.write(json.dumps(rec) + "\n")
+            interval, logged_step, t0 = dict.fromkeys(names, 0), step, time.time()
         if step % cfg.ckpt_interval == 0 or step == end:
-            rngs, datas = gather(rng_state(), world), gather(batches.state_dict() if own_batches else None, world)
-            if master:
-                save_checkpoint(ckpt_path, model, optimizer, scaler, cfg, step, step // cfg.iters_per_epoch,
-                                rngs, datas, losses)
-    if log:
-        log.close()
-    return {"losses": losses, "state": model.trainable_state_dict(), "step": step,
-            "skipped": sum(s.skipped for s in batches.sources) if own_batches else 0}
+            data_state = batches.state_dict() if isinstance(batches, Batches) else None
+            save_checkpoint(ckpt_path, model, optimizer, scaler, cfg, step, losses, data_state, rank, world)
+    return {"losses": losses, "state": model.trainable_state_dict(), "step": step}
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """The command line -> exit status: an input mistake (bad option, data, weights, checkpoint) or a NaN loss
+    prints one `error: ...` line, no traceback, and returns 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        defaults = "\n".join(f"  --{f.name}={f.default}" for f in fields(TrainConfig))
+        print(f"{__doc__}\noptions (stage-1 defaults; --stage 2 and --config tiny change some):\n{defaults}")
+        return 0
     try:
-        train(parse_args(sys.argv[1:]))
-    except FloatingPointError as e:
+        train(parse_args(argv))
+    except (CheckpointError, D.ImageError, ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
