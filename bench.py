@@ -27,7 +27,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before attention.py imports triton
 import attention as A  # noqa: E402
 from checkpoint import assign, check_complete  # noqa: E402
-from llama import RMSNorm, Tokenizer, generate  # noqa: E402
+from generate import generate  # noqa: E402
+from llama import RMSNorm, Tokenizer  # noqa: E402
 from model import TEMPLATES, MiniGPT4, MiniGPT4Config  # noqa: E402
 from train import device_peaks, train_flops  # noqa: E402  (MFU: the same count as train.py's log)
 

@@ -3,8 +3,7 @@ its 32 query outputs into the word-embedding space of a frozen LLM (Vicuna v0), 
 <ImageHere>][32 image embeddings][prompt after][text]. The Llama-2 variant has no Q-Former: it drops the CLS
 token and feeds groups of 4 consecutive patch tokens (256 -> 64 embeddings). Attribute names follow the
 original, so a projection checkpoint {"model": {"llama_proj.weight", "llama_proj.bias"}} loads in both.
-Also here: the original's training loss and beam search; the multi-turn `Chat` lives in sample.py."""
-import functools
+Also here: the original's training loss; decoding is in generate.py, the multi-turn `Chat` in sample.py."""
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -15,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, json_errors, read_checkpoint, unwrap
-from llama import Generation, Llama, LlamaConfig, Tokenizer, generate, process_logits
+from generate import beam_search, generate
+from llama import Llama, LlamaConfig, Tokenizer
 from qformer import QFormer, QFormerConfig
 from vit import ViTConfig, VisionTransformer
 
@@ -321,7 +321,7 @@ class MiniGPT4(nn.Module):
     def generate(self, embeds, mask=None, cache=None, max_new_tokens=300, num_beams=1, do_sample=True,
                  temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=None, length_penalty=1.0, stop=None,
                  on_text=None, generator=None, return_scores=False, original=True):
-        """Decode from embeds (B, T, D) right-padded by mask -> llama.Generation. original=True mimics
+        """Decode from embeds (B, T, D) right-padded by mask -> generate.Generation. original=True mimics
         transformers 4.28/4.30 given only inputs_embeds: input_ids start at [bos], so bos is repetition-penalised
         and counts in the beam length (see beam_search). top_k 50: those versions' default, as the original."""
         rp = self.cfg.repetition_penalty if repetition_penalty is None else repetition_penalty
@@ -354,97 +354,3 @@ class MiniGPT4(nn.Module):
         mask = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows], True).to(emb.device)
         gen = self.generate(emb, mask, **opts)
         return [self.clean_answer(gen.ids[b, :gen.lengths[b]]) for b in range(len(rows))]
-
-
-# ----------------------------------------------------------------------------------------------- beam search
-@torch.no_grad()
-def beam_search(llm, embeds, mask, num_beams, max_new_tokens, repetition_penalty=1.0, length_penalty=1.0,
-                start_ids=None, tokenizer=None, stop=(), do_sample=False, temperature=1.0, top_k=None, top_p=None,
-                generator=None, eos_id=None):
-    """HF beam search / beam sampling (early_stopping=False) on embeds (B, T, D) -> Generation of each row's best
-    hypothesis (eos included). Each step keeps the 2K best (or sampled) continuations; those ending in eos (or a stop
-    string) among the top K finish, scored sum_logprobs / length**length_penalty; the K best others run on.
-    start_ids (B, S): transformers 4.28/4.30 (the original's input_ids start with them): hypothesis length S + tokens
-    before the eos; warpers AFTER adding the beam scores; a row stops once it holds K hypotheses and the best
-    candidate / (S + t)**lp cannot beat the worst; at the end the running beams join (length S + max_new_tokens).
-    None: transformers 5.x: length = new tokens with the eos; warpers BEFORE the scores; the stop test uses the best
-    running beam / (t + 1); at the end the top K candidates finish. For an eos both lengths agree when S = 1."""
-    B, T, D = embeds.shape
-    K, dev = num_beams, embeds.device
-    eos = tokenizer.eos_id if eos_id is None else eos_id
-    mask = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.bool()
-    x, m = embeds.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, T, D)
-    cache = llm.new_cache(B * K, T + max_new_tokens)
-    V = llm.cfg.vocab_size
-    seen = torch.zeros(B * K, V, dtype=torch.bool, device=dev)
-    hf4, S = start_ids is not None, 0 if start_ids is None else start_ids.shape[1]
-    if hf4:  # transformers 4.28's input_ids: penalised like every later token
-        seen.scatter_(1, start_ids.to(dev).repeat_interleave(K, 0), True)
-    last = torch.arange(T, device=dev) == m.sum(-1, keepdim=True) - 1  # (B*K, T): each row's last real token
-    logits = llm(embeds=x, mask=m, cache=cache, logits_at=last)  # (B*K, V)
-    seqs = torch.zeros(B, K, 0, dtype=torch.long, device=dev)
-    run_scores = torch.zeros(B, K, device=dev)
-    run_scores[:, 1:] = -1e9  # only beam 0 expands at the first step
-    done = [[] for _ in range(B)]  # finished (score, ids) per row, at most K kept
-
-    def add(b, score, ids, length):
-        done[b] = sorted(done[b] + [(score / length ** length_penalty, ids)], key=lambda h: -h[0])[:K]
-
-    open_rows = [True] * B
-    str_stops = [s for s in (stop or ()) if isinstance(s, str)]
-    warp = functools.partial(process_logits, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_keep=2)  # HF's sampling warpers for beams keep at least 2 ids
-    for t in range(max_new_tokens):
-        logp = process_logits(F.log_softmax(logits, -1), seen, repetition_penalty)  # (B*K, V)
-        if do_sample and not hf4:
-            logp = warp(logp)
-        total = logp.view(B, K, V) + run_scores[..., None]
-        if do_sample and hf4:
-            total = warp(total.view(B * K, V)).view(B, K, V)
-        total = total.view(B, K * V)
-        if do_sample:
-            idx = torch.multinomial(total.softmax(-1), 2 * K, generator=generator)
-            top, order = total.gather(1, idx).sort(-1, descending=True)
-            idx = idx.gather(1, order)
-        else:
-            top, idx = total.topk(2 * K, dim=-1)  # (B, 2K)
-        beam, tok = idx // V, idx % V
-        cand = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], -1)  # (B, 2K, t+1)
-        last = t == max_new_tokens - 1
-        kept = []  # per row: (the beam each running beam comes from (K,), its ids (K, t+1), its score (K,))
-        for b in range(B):
-            keep = []
-            for j in range(2 * K):
-                ids = cand[b, j].tolist()
-                fin = ids[-1] == eos or (str_stops and any(s in tokenizer.decode(ids) for s in str_stops))
-                if fin or (last and not hf4):
-                    if j < K and open_rows[b]:
-                        add(b, top[b, j].item(), ids, S + t if hf4 and fin else t + 1)
-                elif len(keep) < K:
-                    keep.append(j)
-            n_ok = len(keep)  # (rarely) fewer than K unfinished: fill with dead beams
-            keep += [j for j in range(2 * K) if j not in keep][:K - n_ok]
-            score = top[b, keep].clone()
-            score[n_ok:] = -1e9
-            kept.append((beam[b, keep], cand[b, keep], score))
-            if len(done[b]) == K and open_rows[b]:  # can a running beam still beat the worst finished one?
-                best = top[b, 0].item() / (S + t) ** length_penalty if hf4 else \
-                    score[0].item() / (t + 1) ** length_penalty
-                open_rows[b] = best > done[b][-1][0]
-            if last and hf4 and open_rows[b]:  # transformers 4.28's finalize: the running beams join
-                for j in range(n_ok):
-                    add(b, score[j].item(), cand[b, keep[j]].tolist(), S + max_new_tokens)
-        if last or not any(open_rows):
-            break
-        beam_idx, seqs, run_scores = (torch.stack(column) for column in zip(*kept))  # (B, K), (B, K, t+1), (B, K)
-        flat = (beam_idx + torch.arange(B, device=dev)[:, None] * K).view(-1)
-        cache.reorder(flat)
-        seen = seen.index_select(0, flat)
-        seen.scatter_(1, seqs[..., -1].reshape(-1, 1), True)
-        logits = llm(idx=seqs[..., -1].reshape(-1, 1), cache=cache)[:, -1]
-    best = [max(h, key=lambda h: h[0])[1] for h in done]
-    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(h) for h in best], True, eos).to(dev)  # (B, n)
-    texts = None
-    if tokenizer is not None:  # each text cut at its earliest stop string
-        texts = [min((t.split(s)[0] for s in str_stops), key=len, default=t) for t in map(tokenizer.decode, best)]
-    return Generation(ids, torch.tensor([len(h) for h in best], device=dev), cache, None, texts)

@@ -1,9 +1,12 @@
 """Shared fixtures: every test reads the reference folders and photos from tests/fixtures."""
+import io
 import json
 import pathlib
 import sys
+import tarfile
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,3 +40,35 @@ def assert_close(ours, ref, name="", rel=1e-5):
     tol = rel * max(1.0, ref.abs().max().item())
     err = (ours - ref).abs().max().item()
     assert err <= tol, f"{name}: max abs diff {err:.3e} > {tol:.3e}"
+
+
+# ------------------------------------------- the tiny LLaMA: ours and transformers' (test_llama, test_generate)
+@pytest.fixture
+def llama_dir(ref_dir):
+    return ref_dir / "llama"
+
+
+@pytest.fixture
+def ours(llama_dir):
+    from llama import Llama
+    return Llama.from_pretrained(llama_dir)
+
+
+@pytest.fixture
+def hf(llama_dir):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def random_ids(cfg, B, T, seed=0):
+    return torch.randint(3, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def write_tar(path, members):
+    """A webdataset shard: members [(name, bytes)] -> tar file at path."""
+    with tarfile.open(path, "w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path

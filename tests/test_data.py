@@ -5,7 +5,6 @@ import os
 import struct
 import subprocess
 import sys
-import tarfile
 import zlib
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import IMAGES, load_reference, assert_close
+from conftest import IMAGES, assert_close, load_reference, write_tar
 
 PHOTOS = sorted(IMAGES.glob("*.jpg"))
 
@@ -144,15 +143,6 @@ def _jpg(seed, size=(24, 16)):
     return buf.getvalue()
 
 
-def _write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, blob in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
-
-
 def _shards(folder, n_shards, per_shard, prefix="s"):
     """Shards of generated images; captions 'Prefix Shard-Index!' (json for even, txt for odd samples)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,14 +154,14 @@ def _shards(folder, n_shards, per_shard, prefix="s"):
             members.append((f"{key}.jpg", _jpg(s * 1000 + i)))
             members.append((f"{key}.json", json.dumps({"caption": cap}).encode()) if i % 2 == 0 else
                            (f"{key}.txt", cap.encode()))
-        paths.append(_write_tar(folder / f"{s:05d}.tar", members))
+        paths.append(write_tar(folder / f"{s:05d}.tar", members))
     return paths
 
 
 def test_read_tar_groups_members(tmp_path):
     png = io.BytesIO()
     Image.new("RGB", (5, 5)).save(png, "PNG")
-    path = _write_tar(tmp_path / "a.tar", [("x/k1.jpg", _jpg(0)), ("x/k1.json", b'{"caption": "A"}'),
+    path = write_tar(tmp_path / "a.tar", [("x/k1.jpg", _jpg(0)), ("x/k1.json", b'{"caption": "A"}'),
                                             ("k2.PNG", png.getvalue()), ("k2.txt", b"B"), ("k2.meta.json", b"{}")])
     recs = list(data.read_tar(path))
     assert [k for k, _ in recs] == ["x/k1", "k2"]
@@ -290,13 +280,13 @@ def test_corrupt_samples_skipped_and_counted(tmp_path):
                ("4.json", b'{"caption": "no image"}'),
                ("5.png", b""), ("5.txt", b"zero bytes"),
                ("6.jpg", good), ("6.txt", b"Also fine.")]
-    path = _write_tar(tmp_path / "bad.tar", members)
+    path = write_tar(tmp_path / "bad.tar", members)
     ds = data.ShardDataset(str(path), shuffle=0, size=8)
     batches = list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=data.collate))
     assert [t for b in batches for t in b["text"]] == ["fine", "also fine"]
     assert sum(b["skipped"] for b in batches) == 5 and sum(len(b["errors"]) for b in batches) == 5
     assert all(b["image"].shape == (len(b["text"]), 3, 8, 8) for b in batches if b["text"])
-    whole = _write_tar(tmp_path / "whole.tar", members[:2] + members[-2:]).read_bytes()
+    whole = write_tar(tmp_path / "whole.tar", members[:2] + members[-2:]).read_bytes()
     broken = tmp_path / "broken.tar"
     broken.write_bytes(whole[:512 + 1024 + 512 + 512 + 700])  # the first sample, then inside 6.jpg's data
     items = list(data.ShardDataset(str(broken), shuffle=0, size=8))

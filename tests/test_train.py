@@ -1,6 +1,5 @@
 """train.py on the CPU with the tiny fixture model and shards written here: first-batch loss == MiniGPT4.forward,
 overfitting, 2-process DDP == one process, resume == straight run, bad samples, NaN stop, the command line."""
-import io
 import json
 import math
 import os
@@ -8,7 +7,6 @@ import runpy
 import socket
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from PIL import Image
 import data
 import model as M
 import train as T
-from conftest import IMAGES, REFERENCE_DIRS, ROOT, assert_close
+from conftest import IMAGES, REFERENCE_DIRS, ROOT, assert_close, write_tar
 
 TINY = REFERENCE_DIRS[0]
 WORDS = "a the red blue green small big cat dog bird tree house car sky on under with near".split()
@@ -221,14 +219,6 @@ def test_grad_checkpointing_same_result(shards, tmp_path, monkeypatch):
         assert_close(ckpt["state"][k], v, k)
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, blob in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-
-
 def test_bad_samples_skipped_and_counted(tmp_path):
     """A truncated JPEG, a non-image and a caption-less sample are dropped from their batches and counted."""
     photos = [p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))]
@@ -238,7 +228,7 @@ def test_bad_samples_skipped_and_counted(tmp_path):
         members += [(f"{i}.jpg", photos[i % len(photos)]), (f"{i}.json", caption)]
     members += [("5.jpg", photos[0][:len(photos[0]) // 3]), ("5.json", b'{"caption": "truncated"}'),
                 ("6.jpg", b"not a jpeg at all"), ("6.txt", b"garbage"), ("7.jpg", photos[1])]
-    _tar(tmp_path / "bad.tar", members)
+    write_tar(tmp_path / "bad.tar", members)
     cfg = config(str(tmp_path / "bad.tar"), tmp_path / "out", batch_size=4, max_epoch=1, iters_per_epoch=2)
     res = T.train(cfg)
     assert res["step"] == 2
