@@ -24,6 +24,7 @@ masked the same way. Strides are passed, so views (slices of a fused qkv, a KV-c
 """
 from __future__ import annotations  # kernel annotations stay strings: this file imports without triton
 
+import json
 import os
 
 import torch
@@ -40,35 +41,44 @@ ENV_VAR = "MINIGPT4_ATTENTION"
 LOG2E = 1.4426950408889634
 
 
-# ----------------------------------------------------------------------------- the Triton kernel
+# ----------------------------------------------------------------------------- the Triton kernels
 
 def _attn_fwd(Q, K, V, O, M,  # pointers; M: (B, Lk) key mask, unused unless HAS_MASK
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
-              Lq, Lk, D, GROUP, qk_scale,
-              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              Lq, Lk, GROUP, qk_scale,
+              HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = b.to(tl.int64)  # 64-bit offsets: big batches of big tensors overflow int32
     h = h.to(tl.int64)
     hk = h // GROUP  # GQA: query heads h share key/value head h // (Hq // Hkv)
-    Q += b * sqb + h * sqh
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
-    O += b * sob + h * soh
+    Q += (b * sqb + h * sqh) * UNIT  # strides arrive in units of UNIT elements (see triton_attention)
+    K += (b * skb + hk * skh) * UNIT
+    V += (b * svb + hk * svh) * UNIT
+    O += (b * sob + h * soh) * UNIT
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)  # query rows of this tile
     offs_n = tl.arange(0, BLOCK_N)            # key columns of a K/V tile (shifted by start_n)
-    offs_d = tl.arange(0, BLOCK_D)            # head dim, padded to a power of two
-    d_ok = offs_d < D
-    q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)            # head dim, part 1: [0, BLOCK_D)
+    d_ok, row_ok = offs_d < HEAD_DIM, offs_m < Lq
+    q_rows = Q + offs_m[:, None] * (sqm * UNIT)
+    q = tl.load(q_rows + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (M, D)
+    if BLOCK_D2 > 0:
+        offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)  # head dim, part 2: [BLOCK_D, BLOCK_D + BLOCK_D2)
+        e_ok = offs_e < HEAD_DIM
+        q2 = tl.load(q_rows + offs_e[None, :] * sqd, mask=row_ok[:, None] & e_ok[None, :], other=0.0)  # (M, D2)
     if UPCAST:  # triton 3.9's CPU interpreter multiplies bf16 as raw bits: dot in fp32 there
         q = q.to(tl.float32)
+        if BLOCK_D2 > 0:
+            q2 = q2.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running row sum of 2^(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)       # running sum of 2^(s - m_i) * v
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)       # running sum of 2^(s - m_i) * v, part 1
+    if BLOCK_D2 > 0:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)  # part 2
 
     # Causal, bottom-right aligned: row i sees keys j <= i + shift. Keys < start_m + shift + 1 are seen by
     # every row of the tile (phase 0, no causal mask); keys >= start_m + BLOCK_M + shift by none (skipped);
@@ -88,13 +98,18 @@ def _attn_fwd(Q, K, V, O, M,  # pointers; M: (B, Lk) key mask, unused unless HAS
         for start_n in range(lo, end, BLOCK_N):
             cols = start_n + offs_n
             key_ok = cols < Lk
-            k = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
-                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N): K^T
-            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd,
-                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            k_cols = K + cols[None, :] * (skn * UNIT)  # K^T tiles: (D, N)
+            v_rows = V + cols[:, None] * (svn * UNIT)  # V tiles: (N, D)
+            k = tl.load(k_cols + offs_d[:, None] * skd, mask=key_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale       # (BLOCK_M, BLOCK_N) fp32
+                k = k.to(tl.float32)
+            s = tl.dot(q, k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+            if BLOCK_D2 > 0:  # q.k over the head dim = part 1 + part 2
+                k2 = tl.load(k_cols + offs_e[:, None] * skd, mask=key_ok[None, :] & e_ok[:, None], other=0.0)
+                if UPCAST:
+                    k2 = k2.to(tl.float32)
+                s += tl.dot(q2, k2, input_precision=PRECISION)
+            s *= qk_scale
             if HAS_MASK:
                 key_ok &= tl.load(M + b * smb + cols * smn, mask=key_ok, other=0) != 0
             keep = key_ok[None, :]
@@ -107,51 +122,199 @@ def _attn_fwd(Q, K, V, O, M,  # pointers; M: (B, Lk) key mask, unused unless HAS
             alpha = tl.math.exp2(m_i - m_safe)                     # (BLOCK_M,) rescale factor
             p = tl.math.exp2(s - m_safe[:, None])                  # (BLOCK_M, BLOCK_N), 0 where masked
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            v = tl.load(v_rows + offs_d[None, :] * svd, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            v_dtype = tl.float32 if UPCAST else v.dtype
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_dtype), v.to(v_dtype), input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                v2 = tl.load(v_rows + offs_e[None, :] * svd, mask=key_ok[:, None] & e_ok[None, :], other=0.0)
+                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v_dtype), v2.to(v_dtype), input_precision=PRECISION)
             m_i = m_new
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: 0
-    tl.store(O + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: 0
+    o_rows = O + offs_m[:, None] * (som * UNIT)
+    tl.store(o_rows + offs_d[None, :] * sod, (acc * inv_l).to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(o_rows + offs_e[None, :] * sod, (acc2 * inv_l).to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & e_ok[None, :])
 
 
-if triton is not None:
-    _attn_fwd = triton.jit(_attn_fwd)  # compiled, or interpreted on CPU if TRITON_INTERPRET=1 at import time
+def _decode_split(Q, K, V, P, M,  # P: (B, Hq, SPLITS, BLOCK_D + 2) fp32 partial states [acc | m | l]
+                  sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
+                  Lk, GROUP, qk_scale, SPLITS, SPLIT_LEN,  # runtime: decode's Lk grows every token
+                  HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, HAS_MASK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash-decoding, part 1: program (split, head, batch) attends ONE query to keys
+    [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) and writes its unnormalised softmax state (acc, m, l)."""
+    split, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    hk = h // GROUP
+    K += (b * skb + hk * skh) * UNIT
+    V += (b * svb + hk * svh) * UNIT
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + (b * sqb + h * sqh) * UNIT + offs_d * sqd, mask=d_ok, other=0.0).to(tl.float32)  # (D,)
+    offs_n = tl.arange(0, BLOCK_N)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, Lk)
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):  # a single query: no tensor cores, a multiply-and-sum per key
+        cols = start_n + offs_n
+        key_ok = cols < hi
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + cols[:, None] * (skn * UNIT) + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale  # (BLOCK_N,)
+        if HAS_MASK:
+            key_ok &= tl.load(M + b * smb + cols * smn, mask=key_ok, other=0) != 0
+        s = tl.where(key_ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe)  # (BLOCK_N,)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        v = tl.load(V + cols[:, None] * (svn * UNIT) + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    P += ((b * tl.num_programs(1) + h) * SPLITS + split) * (BLOCK_D + 2)
+    tl.store(P + offs_d, acc)
+    tl.store(P + BLOCK_D + tl.arange(0, 1), m_i)
+    tl.store(P + BLOCK_D + 1 + tl.arange(0, 1), l_i)
 
 
-def kernel_config(Lq, D, dtype):
-    """Tile sizes and launch settings for a query length and head dim (hand-picked, no autotuning)."""
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    big = BLOCK_D > 128 or dtype == torch.float32  # keep Q + K/V stages within shared memory
-    if Lq <= 16:
-        BLOCK_M = 16  # decode: one query, don't compute 127 dead rows
-    elif Lq <= 64:
-        BLOCK_M = max(16, triton.next_power_of_2(Lq))  # Q-Former: 32 queries
-    else:
-        BLOCK_M = 64 if Lq < 1024 or big else 128  # ViT 257: 5 x 64 rows waste less than 3 x 128
-    BLOCK_N = 32 if big else 64
-    num_warps = 8 if BLOCK_M * BLOCK_D >= 128 * 128 else 4
-    num_stages = 2 if big or Lq <= 16 else 3
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+def _decode_combine(P, O, sob, soh, sod, SPLITS,
+                    HEAD_DIM: tl.constexpr, UNIT: tl.constexpr, SPLITS_P2: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Flash-decoding, part 2: program (head, batch) merges its SPLITS partial softmax states."""
+    h, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < SPLITS
+    P += (b * tl.num_programs(0) + h) * SPLITS * (BLOCK_D + 2) + offs_s * (BLOCK_D + 2)  # (S,) row starts
+    m = tl.load(P + BLOCK_D, mask=s_ok, other=float("-inf"))  # (S,)
+    l = tl.load(P + BLOCK_D + 1, mask=s_ok, other=0.0)
+    acc = tl.load(P[:, None] + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (S, D)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # (S,) 0 for empty splits
+    l_sum = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(l_sum == 0.0, 1.0, l_sum)  # no key at all: 0
+    tl.store(O + (b * sob + h * soh) * UNIT + offs_d * sod, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def triton_attention(q, k, v, causal=False, mask=None):
-    """The kernel launch; no checks (attention() does them)."""
+if triton is not None:  # compiled, or interpreted on CPU if TRITON_INTERPRET=1 at import time
+    _attn_fwd, _decode_split, _decode_combine = map(triton.jit, (_attn_fwd, _decode_split, _decode_combine))
+
+# Launch settings per GPU architecture and call site (a site is a class of shapes, see site()):
+# BLOCK_M, BLOCK_N, num_warps, num_stages; decode: BLOCK_N, num_warps, num_stages, min keys per split.
+# Chosen from compiled evidence (kernel_report.py: no spills, 128-bit loads, cp.async, shared memory within
+# the limit); `python kernel_report.py --tune` on a GPU times candidates and writes attention_tuned.json,
+# which overrides this table for that architecture.
+CONFIGS = {
+    "sm80": {"vit": (64, 64, 4, 3), "qformer_self": (32, 32, 4, 2), "qformer_cross": (32, 64, 4, 3),
+             "prefill": (128, 64, 8, 3), "decode": (64, 4, 2, 256), "fp32": (64, 32, 4, 2)},
+    "sm90": {"vit": (64, 64, 4, 3), "qformer_self": (32, 32, 4, 2), "qformer_cross": (32, 64, 4, 3),
+             "prefill": (128, 64, 8, 3), "decode": (64, 4, 2, 256), "fp32": (64, 32, 4, 2)},
+}
+TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
+if os.path.exists(TUNED_FILE):
+    with open(TUNED_FILE) as f:
+        for arch, sites in json.load(f).items():
+            CONFIGS.setdefault(arch, {}).update({s: tuple(c) for s, c in sites.items()})
+
+
+def site(Lq, Lk, causal, dtype):
+    """The call site a shape belongs to (the key of CONFIGS)."""
+    if Lq == 1:
+        return "decode"
+    if dtype == torch.float32:  # fp32 (tests, CPU): small tiles keep shared memory in bounds
+        return "fp32"
+    if causal:
+        return "prefill"  # LLaMA
+    if Lq <= 64:
+        return "qformer_self" if Lk <= 64 else "qformer_cross"
+    return "vit"
+
+
+def arch(device):
+    """'sm90' for Hopper and newer, else 'sm80' (also the CPU interpreter's)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return "sm90"
+    return "sm80"
+
+
+def head_blocks(D):
+    """The head dim as one or two power-of-two parts: 88 -> (64, 32) (96 lanes, 8% padding, not 128's 31%)."""
+    part1 = max(16, 1 << (D.bit_length() - 1))  # largest power of two <= D
+    if part1 >= D:
+        return part1, 0
+    part2 = max(16, triton.next_power_of_2(D - part1))
+    return (2 * part1, 0) if part2 == part1 else (part1, part2)
+
+
+def _unit(D, *tensors):
+    """8 if every tensor's head dim is contiguous and its other strides are multiples of 8 elements, else 1.
+    Passing strides // 8 and multiplying by a constexpr 8 in the kernel lets the compiler prove 16-byte
+    alignment, hence 128-bit loads and cp.async (a runtime stride like 88 can't be proved divisible by 16)."""
+    ok = D % 8 == 0 and all(t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) for t in tensors)
+    return 8 if ok else 1
+
+
+def _strides(t, unit, dims=None):
+    return [s // unit for s in t.stride()[:-1]] + [t.stride(-1)] if dims is None else \
+        [t.stride(i) // unit for i in dims] + [t.stride(-1)]
+
+
+def _go(kernel, grid, args, consts, compile_only):
+    """Launch, or (compile_only) compile for the current target without launching: pointers become dtypes."""
+    if compile_only:
+        args = [a.dtype if isinstance(a, torch.Tensor) else a for a in args]
+        return kernel.warmup(*args, grid=grid, **consts)
+    kernel[grid](*args, **consts)
+
+
+def triton_attention(q, k, v, causal=False, mask=None, config=None, compile_only=False):
+    """The kernel launch; no checks (attention() does them). config overrides CONFIGS' entry (tests, tuning);
+    compile_only returns the compiled kernels instead of running them (kernel_report.py)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
     m = mask if mask is not None else q  # dummy pointer when there is no mask
-    sm = mask.stride() if mask is not None else (0, 0)
-    cfg = kernel_config(Lq, D, q.dtype)
+    sm = list(mask.stride()) if mask is not None else [0, 0]
+    name = site(Lq, Lk, causal, q.dtype)
+    cfg = config or CONFIGS[arch(q.device)][name]
+    unit = _unit(D, q, k, v, o)
     upcast = q.dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)  # see the kernel
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), Hq, B)
-    _attn_fwd[grid](q, k, v, o, m, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *sm,
-                    Lq, Lk, D, Hq // Hkv, D ** -0.5 * LOG2E,
-                    CAUSAL=bool(causal), HAS_MASK=mask is not None,
-                    PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast, **cfg)
-    return o
+    if name == "decode":  # Lq == 1: causal is a no-op (the one query is the last position)
+        block_n, warps, stages, min_split = cfg
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        splits = max(1, min(triton.cdiv(Lk, min_split), triton.cdiv(2 * sms, B * Hq)))  # fill ~2 waves
+        split_len = triton.cdiv(triton.cdiv(Lk, splits), block_n) * block_n
+        splits = triton.cdiv(Lk, split_len)
+        block_d = triton.next_power_of_2(max(D, 16))
+        part = torch.empty((B, Hq, splits, block_d + 2), dtype=torch.float32, device=q.device)
+        consts = dict(HEAD_DIM=D, UNIT=unit, BLOCK_D=block_d)
+        k1 = _go(_decode_split, (splits, Hq, B),
+                 [q, k, v, part, m, *_strides(q, unit, (0, 1)), *_strides(k, unit, (0, 1, 2)),
+                  *_strides(v, unit, (0, 1, 2)), *sm, Lk, Hq // Hkv, D ** -0.5 * LOG2E, splits, split_len],
+                 dict(consts, HAS_MASK=mask is not None, BLOCK_N=block_n,
+                      num_warps=warps, num_stages=stages), compile_only)
+        k2 = _go(_decode_combine, (Hq, B), [part, o, *_strides(o, unit, (0, 1)), splits],
+                 dict(consts, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4), compile_only)
+        return [k1, k2] if compile_only else o
+    block_m, block_n, warps, stages = cfg
+    block_d, block_d2 = head_blocks(D)
+    args = [q, k, v, o, m, *_strides(q, unit), *_strides(k, unit), *_strides(v, unit), *_strides(o, unit), *sm,
+            Lq, Lk, Hq // Hkv, D ** -0.5 * LOG2E]
+    consts = dict(HEAD_DIM=D, UNIT=unit, CAUSAL=bool(causal), HAS_MASK=mask is not None,
+                  PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=block_d2,
+                  num_warps=warps, num_stages=stages)
+    kern = _go(_attn_fwd, (triton.cdiv(Lq, block_m), Hq, B), args, consts, compile_only)
+    return [kern] if compile_only else o
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -37,11 +37,24 @@ CASES = {
     "transposed_d88": (1, 2, 2, 5, 5, 88, False, None, "fp32", "transposed"),
     "causal_more_queries_than_keys": (1, 1, 1, 9, 5, 32, True, None, "fp32", "contiguous"),
 }
+# split-KV decode (flash-decoding) with small splits, so that short key lengths already use many of them:
+# config = (BLOCK_N, num_warps, num_stages, min keys per split); a split of 16 keys at Lk 257 -> 17 splits
+SPLIT16, SPLIT32 = (16, 4, 1, 16), (16, 4, 1, 32)
+SPLIT_CASES = {
+    **{f"split_len{n}_fp16": ((1, 2, 2, 1, n, 64, True, None, "fp16", "contiguous"), SPLIT16)
+       for n in (1, 2, 15, 16, 17, 33, 100, 257)},
+    "split_gqa4_mask_fp32": ((3, 8, 2, 1, 70, 128, True, "random", "fp32", "kv_cache"), SPLIT16),
+    "split_gqa_mask_bf16": ((2, 4, 1, 1, 50, 64, False, "random", "bf16", "contiguous"), SPLIT32),
+    "split_left_pad_d88": ((2, 2, 2, 1, 40, 88, True, "left_pad", "fp16", "fused_qkv_decode"), SPLIT16),
+    "split_masked_split": ((2, 2, 2, 1, 48, 32, True, "first_split_masked", "fp32", "contiguous"), SPLIT16),
+    "split_transposed_d40": ((1, 2, 1, 1, 37, 40, True, None, "fp32", "transposed"), SPLIT16),
+    "split_default_long": ((1, 2, 2, 1, 600, 64, True, None, "fp16", "kv_cache"), None),  # CONFIGS: 3 splits
+}
 
 
 def make_case(name, device="cpu"):
     """(q, k, v, causal, mask) for a case, in the case's dtype and memory layout."""
-    B, Hq, Hkv, Lq, Lk, D, causal, mask_kind, dtype, layout = CASES[name]
+    B, Hq, Hkv, Lq, Lk, D, causal, mask_kind, dtype, layout = CASES[name] if name in CASES else SPLIT_CASES[name][0]
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     dt = DTYPES[dtype]
     rand = lambda *s: torch.randn(*s, generator=g).to(dt).to(device)
@@ -49,6 +62,9 @@ def make_case(name, device="cpu"):
         assert Lq == Lk and Hq == Hkv
         qkv = rand(B, Lq, 3, Hq, D)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D), non-contiguous
+    elif layout == "fused_qkv_decode":  # one new token's fused qkv; k/v: a cache with D-aligned strides
+        q = rand(B, 1, 3, Hq, D)[:, :, 0].transpose(1, 2)
+        k, v = (rand(B, Lk, Hkv, D).transpose(1, 2) for _ in range(2))
     elif layout == "kv_cache":  # k/v: the first Lk positions of a longer cache buffer
         q = rand(B, Hq, Lq, D)
         k, v = rand(B, Hkv, Lk + 11, D)[:, :, :Lk], rand(B, Hkv, Lk + 11, D)[:, :, :Lk]
@@ -62,6 +78,8 @@ def make_case(name, device="cpu"):
         mask[0] = False  # batch 0: no key at all -> output 0
     elif mask_kind == "left_pad":
         mask = torch.arange(Lk)[None, :] >= torch.tensor([0, 2])[:B, None]  # batch 1: 2 pad tokens first
+    elif mask_kind == "first_split_masked":  # batch 1: the first 16-key split sees no key at all
+        mask = torch.arange(Lk)[None, :] >= torch.tensor([0, 16])[:B, None]
     return q, k, v, causal, (mask.to(device) if mask is not None else None)
 
 
@@ -103,6 +121,15 @@ def _worker():
             results[name] = "ok"
         except Exception as e:  # reported per case by the test below
             results[name] = f"{type(e).__name__}: {e}"
+    for name, (_, config) in SPLIT_CASES.items():
+        q, k, v, causal, mask = make_case(name)
+        try:
+            out = A.triton_attention(q, k, v, causal, mask, config=config) if config else \
+                A.attention(q, k, v, causal=causal, mask=mask, backend="triton")
+            check(name, out, q, k, v, causal, mask)
+            results[name] = "ok"
+        except Exception as e:
+            results[name] = f"{type(e).__name__}: {e}"
     print("RESULTS " + json.dumps(results))
 
 
@@ -121,6 +148,24 @@ def interpreted():
 @pytest.mark.parametrize("name", CASES)
 def test_kernel_interpreted(name, interpreted):
     assert interpreted[name] == "ok", interpreted[name]
+
+
+@pytest.mark.parametrize("name", SPLIT_CASES)
+def test_split_kv_decode_interpreted(name, interpreted):
+    assert interpreted[name] == "ok", interpreted[name]
+
+
+def test_head_blocks_and_alignment():
+    """88 is computed as 64 + 32 lanes (8% padding); strides go in units of 8 only when that is exact."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    assert [A.head_blocks(d) for d in (88, 64, 128, 80, 100, 40, 5)] == \
+        [(64, 32), (64, 0), (128, 0), (64, 16), (128, 0), (32, 16), (16, 0)]
+    q, k, v, *_ = make_case("vit_d88_257")
+    assert A._unit(88, q, k, v) == 8
+    q, k, v, *_ = make_case("transposed_d88")
+    assert A._unit(88, q, k, v) == 1
+    assert A._unit(40, *(torch.zeros(1, 1, 3, 44)[..., :40] for _ in range(3))) == 1  # row stride 44
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA")
