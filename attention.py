@@ -12,15 +12,20 @@ when no gradient is needed, else torch's scaled_dot_product_attention (CPU, trai
 LLM). "triton" forces the kernel (fp32 too; on CPU tensors only under TRITON_INTERPRET=1, the interpreter
 the tests use) and raises if it can't run; "sdpa" forces SDPA.
 
-The kernel, one program per (tile of BLOCK_M queries, head, batch):
+The kernel (_attn_fwd), one program per (tile of BLOCK_M queries, head, batch):
     load the Q tile once (it stays in registers/shared memory)
     for each tile of BLOCK_N keys:  s = Q K^T * scale;  online softmax: keep the running row max m and the
         running row sum l, rescale the fp32 accumulator by 2^(m_old - m_new), add P V
     out = acc / l
 exp2 instead of exp: log2(e) is folded into the scale, so softmax(x) = 2^(x*log2e - max) / sum(...).
-Head dims that are not a power of two (EVA ViT-G: 88) are padded INSIDE the kernel to BLOCK_D = 128 with
-masked loads (zeros in the padding don't change q.k); lengths that are not a multiple of a tile (257) are
-masked the same way. Strides are passed, so views (slices of a fused qkv, a KV-cache prefix) need no copy.
+Head dims that are not a power of two (EVA ViT-G: 88) are split INSIDE the kernel into two power-of-two parts
+(64 + 32: q.k = q1.k1 + q2.k2, two accumulators) with masked loads (zeros in the padding don't change q.k);
+lengths that are not a multiple of a tile (257) are masked the same way. Strides are passed, so views (slices
+of a fused qkv, a KV-cache prefix) need no copy; when they are all multiples of 8 elements they are passed
+divided by 8 and multiplied by a constexpr 8 inside, so the compiler can prove 16-byte alignment and emit
+128-bit loads and cp.async (kernel_report.py shows what each call site compiles to on sm80/sm90).
+Decode (one query) is split-KV (flash-decoding): _decode_split's programs each take a slice of the keys and
+write a partial (acc, max, sum); _decode_combine rescales them to a common max and adds them up.
 """
 from __future__ import annotations  # kernel annotations stay strings: this file imports without triton
 

@@ -44,6 +44,8 @@ ATTENTION_SHAPES = [
     ("LLaMA-7B prefill 512 B1", (1, 32, 32, 512, 512, 128), True),
     ("LLaMA-7B prefill 2048 B1", (1, 32, 32, 2048, 2048, 128), True),
     ("LLaMA-7B decode 1024 B1", (1, 32, 32, 1, 1024, 128), True),
+    ("LLaMA-7B decode 4096 B1", (1, 32, 32, 1, 4096, 128), True),  # split-KV: 8 splits of 512 keys
+    ("LLaMA-7B decode 1024 B8", (8, 32, 32, 1, 1024, 128), True),
 ]
 ATTENTION_SHAPES_CPU = [  # the same cases, shrunk for the interpreter
     ("ViT-G tiny", (1, 2, 2, 257, 257, 88), False),
