@@ -268,9 +268,9 @@ def _unit(D, *tensors):
     return 8 if ok else 1
 
 
-def _strides(t, unit, dims=None):
-    return [s // unit for s in t.stride()[:-1]] + [t.stride(-1)] if dims is None else \
-        [t.stride(i) // unit for i in dims] + [t.stride(-1)]
+def _strides(t, unit, dims=(0, 1, 2)):
+    """t's strides along dims in units of `unit` elements, then the head dim's stride (in elements)."""
+    return [t.stride(i) // unit for i in dims] + [t.stride(-1)]
 
 
 def _go(kernel, grid, args, consts, compile_only):

@@ -159,6 +159,9 @@ def tune():
                 timed.append((do_bench(lambda: A.triton_attention(q, k, v, causal, mask, config=cfg)), cfg))
             except Exception:  # out of shared memory / registers for this GPU
                 continue
+        if not timed:
+            print(f"{name:14} {shape}: no candidate ran correctly; CONFIGS kept")
+            continue
         ms, cfg = min(timed)
         print(f"{name:14} {shape}: best {cfg} {ms * 1e3:.1f} us of {len(timed)} that ran", flush=True)
         best[name] = (ms, cfg)
