@@ -193,9 +193,16 @@ def fetch(preset, out, parts, base=None, min_rate=MIN_RATE, window=WINDOW):
             fetch_llm(preset, URLS[preset], os.path.join(out, FILES["llm"][preset][0]), opts)
 
 
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (those that have one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Download the MiniGPT-4 weights of a preset (resumable, verified).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=Defaults)
     p.add_argument("--model", default="vicuna-7b", help=f"{', '.join(MODELS)} (alias: llama2, vicuna, ...)")
     p.add_argument("--out", default="weights", help="weights folder (sample.py --weights)")
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
