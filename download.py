@@ -164,6 +164,7 @@ def download(url, dest, verify=None, optional=False, base=None, min_rate=MIN_RAT
     meta = read_sidecar(side) if os.path.isfile(part) else None
     if os.path.isfile(part) and (meta is None or meta.get("url") != url):
         discard(part, f"not a part of {url}" + ("" if meta else " (no sidecar)"))
+        meta = None
     have = os.path.getsize(part) if os.path.isfile(part) else 0
     validator = meta and (meta.get("etag") or meta.get("last_modified"))
     target = with_base(url, base)
@@ -178,7 +179,10 @@ def download(url, dest, verify=None, optional=False, base=None, min_rate=MIN_RAT
         if resp is False:
             return False
         with resp:
-            first = b"" if resp.status == 206 else resp.read1(CHUNK)
+            try:
+                first = b"" if resp.status == 206 else resp.read1(CHUNK)
+            except (http.client.HTTPException, OSError) as e:  # includes the socket timeout
+                raise FetchError(f"{target}: no data ({type(e).__name__}); run again") from None
             ctype = resp.headers.get("Content-Type", "")
             if ctype.startswith("text/html") or first.lstrip()[:1] == b"<":
                 page = ConfirmPage()

@@ -325,8 +325,9 @@ def test_html_page_is_never_saved_as_weights(server, tmp_path, capsys, where):
     assert not out.exists() or not list(out.iterdir())
 
 
-def test_drip_feeding_server_stalls_with_one_line(server, tmp_path, capsys):
-    server.drip = 0.05  # 20 bytes/s
+@pytest.mark.parametrize("drip", [0.05, 3.0])  # 20 bytes/s; one byte, then silence (the socket timeout)
+def test_drip_feeding_server_stalls_with_one_line(server, tmp_path, capsys, drip):
+    server.drip = drip
     t0 = time.time()
     assert run(server, tmp_path / "weights", "--only", "vit", "--min-rate", "1000", "--stall-window", "0.3") == 1
     assert time.time() - t0 < 5
