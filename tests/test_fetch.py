@@ -97,10 +97,13 @@ class Server:
                     self.send_header("Content-Length", str(len(body) + srv.extra_length))  # extra_length: a lie
                 self.end_headers()
                 if srv.drip:  # one byte at a time, slowly
-                    for b in body[:20]:
-                        self.wfile.write(bytes([b]))
-                        self.wfile.flush()
-                        time.sleep(srv.drip)
+                    try:
+                        for b in body[:20]:
+                            self.wfile.write(bytes([b]))
+                            self.wfile.flush()
+                            time.sleep(srv.drip)
+                    except OSError:  # the client gave up: what the test wants
+                        pass
                     return
                 self.wfile.write(body[:srv.cut])  # cut: the connection closes early
 
@@ -330,7 +333,7 @@ def test_drip_feeding_server_stalls_with_one_line(server, tmp_path, capsys, drip
     server.drip = drip
     t0 = time.time()
     assert run(server, tmp_path / "weights", "--only", "vit", "--min-rate", "1000", "--stall-window", "0.3") == 1
-    assert time.time() - t0 < 5
+    assert time.time() - t0 < 10  # about 1 s (window 0.3 s); room for a loaded machine
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "stalled" in errors[0] and "run again to resume" in errors[0]
 
