@@ -119,10 +119,10 @@ def check_weights(args, preset):
 
 def describe(model):
     """The LLM that was actually loaded, in words: its preset name if its shapes are one, else its size."""
-    from llama import PRESETS, LlamaConfig
+    from llama import LlamaConfig
     c = model.llama_model.cfg
-    names = [n for n in ("vicuna-7b", "vicuna-13b", "llama2-7b") if (lambda p: (p.dim, p.n_layers, p.norm_eps) ==
-             (c.dim, c.n_layers, c.norm_eps))(LlamaConfig(**PRESETS[n]))]
+    shape = lambda p: (p.dim, p.n_layers, p.norm_eps)  # noqa: E731
+    names = [n for n in ("vicuna-7b", "vicuna-13b", "llama2-7b") if shape(LlamaConfig.from_name(n)) == shape(c)]
     n = sum(p.numel() for p in model.llama_model.parameters())
     size = f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
     return f"{names[0] if names else 'an LLM of no release size'} ({size} parameters, {c.n_layers} layers x {c.dim})"
@@ -135,6 +135,8 @@ def read_line():
         sys.stderr.write("> ")
         sys.stderr.flush()
         line = sys.stdin.readline()
+        if not line:  # end of input
+            sys.stderr.write("\n")
         return line or None
     try:
         import readline  # noqa: F401  (line editing and history for input(); absent on some platforms)
