@@ -53,7 +53,8 @@ def load_image(src, name=None, exif=False):
     except Image.DecompressionBombError as e:
         raise ImageError(f"cannot read image {name}: {e} (limit PIL.Image.MAX_IMAGE_PIXELS)") from e
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for broken files
-        raise ImageError(f"cannot read image {name}: {type(e).__name__}: {e}") from e
+        why = "not an image file" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise ImageError(f"cannot read image {name}: {why}") from e
 
 
 def random_resized_crop_params(width, height, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), generator=None):

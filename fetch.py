@@ -1,232 +1,234 @@
 """
-Download the publicly available MiniGPT-4 weights into a folder laid out as model.py / sample.py expect.
+Download every MiniGPT-4 weight a preset needs into a folder laid out as model.py / sample.py expect.
 
-    python fetch.py --model vicuna-7b --out weights/                   # EVA ViT-G, BLIP-2 Q-Former, Vicuna v0 7B
+    python fetch.py --model vicuna-7b                                   # everything, into weights/
     python fetch.py --model vicuna-13b --out weights/ --only vit,qformer
-    python fetch.py --model vicuna-7b --out weights/ --base-url http://127.0.0.1:8000   # a mirror / test server
+    python fetch.py --model vicuna-7b --base-url http://127.0.0.1:8000  # a mirror / test server
 
-Result: weights/eva_vit_g.pth, weights/blip2_pretrained_flant5xxl.pth, weights/vicuna-7b/ (or vicuna-13b/:
-the HF files config.json, tokenizer.model, pytorch_model.bin.index.json and its shards, ...).
-The projection checkpoints (Google Drive) and Llama-2-chat (gated) are not downloaded: the end of the run
-lists what is still missing, where to get it and where to put it (model.py's own table and message).
+Result (vicuna-7b): weights/eva_vit_g.pth, weights/blip2_pretrained_flant5xxl.pth (LAVIS' storage bucket),
+weights/prerained_minigpt4_7b.pth (the projection, Google Drive, the release's own file name), weights/vicuna-7b/
+(Hugging Face: config.json, tokenizer.model, pytorch_model.bin.index.json and its shards). Llama-2-chat is gated:
+the run says where to get it and where to put it.
 
-Each file is written to FILE.part and renamed when complete, so a stopped run (Ctrl-C, lost connection)
-resumes where it was with an HTTP Range request; files already there are skipped without a request.
---base-url replaces the scheme and host of every URL (the paths stay), e.g. for a mirror or the tests.
-Downloads use the standard library only (urllib); the file tables come from model.py.
+How (download.py): FILE.part + a sidecar naming what it is a part of, resumed with Range; a stall, an HTML page
+or a cut connection ends with one line. Every finished file is verified by its content before it gets its name:
+a readable checkpoint with the keys and shapes the preset expects, valid JSON, a loadable tokenizer. Files
+already there are verified again (cheap: tensors are memory-mapped, not read) and then skipped.
+--base-url replaces the scheme and host of every URL (path and query stay), e.g. for a mirror or the tests.
+torch is imported only to verify, so --help and argument errors are instant.
 """
 import argparse
-import http.client
 import json
 import os
-import re
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
-from model import ALIASES, FILES, URLS, MiniGPT4Config, MissingWeights, find_weights
+from download import DRIVE, MIN_RATE, WINDOW, FetchError, check_base, download, say, with_base
 
 LLM_FILES = ["config.json", "tokenizer.model"]  # besides the index and its shards
 OPTIONAL = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]  # 404: skipped
 INDEX = "pytorch_model.bin.index.json"
-CHUNK = 1 << 20  # bytes per read
-PARTS = ("vit", "qformer", "llm")
+PARTS = ("vit", "qformer", "proj", "llm")
+MODELS = ("vicuna-7b", "vicuna-13b", "llama2-7b")  # model.py's presets with release weights
+DRIVE_IDS = {  # the projection checkpoints of the original release (its README's Google Drive links)
+    "vicuna-13b": "1a4zLvaiDBr-36pasffmgpvH5P7CKmpze",
+    "vicuna-7b": "1RY9jV0dyqLX-o38LrumkKRh6Jtaop58R",
+    "llama2-7b": "11nAPjEok8eAGGEG1N2vXo3kBLCg0WgUk",
+}
 
 
-class FetchError(Exception):
-    """A download failed; the message is one line naming the URL."""
+# ------------------------------------------------------------------------------------- verification
+def expected(preset):
+    """(MiniGPT4Config, LlamaConfig) whose shapes the files must have (the tests swap in the tiny preset)."""
+    from llama import LlamaConfig
+    from model import MiniGPT4Config
+    cfg = MiniGPT4Config.from_name(preset)
+    return cfg, LlamaConfig.from_name(cfg.llm)
 
 
-def say(msg, end="\n"):
-    sys.stderr.write(msg + end)
-    sys.stderr.flush()
-
-
-def mb(n):
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-class Progress:
-    """One updating line on a terminal; a plain line every few seconds (and at the end) otherwise."""
-
-    def __init__(self, name, done, total):
-        self.name, self.done, self.total, self.start_bytes = name, done, total, done
-        self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n):
-        self.done += n
-        now = time.time()
-        if now - self.last >= (0.2 if self.tty else 5.0):
-            self.last = now
-            self.show()
-
-    def show(self, final=False):
-        speed = (self.done - self.start_bytes) / max(time.time() - self.t0, 1e-6) / 1e6
-        pct = f" {100 * self.done / self.total:3.0f}%" if self.total else ""
-        of = f"/{mb(self.total)}" if self.total else ""
-        line = f"  {self.name}: {mb(self.done)}{of}{pct}  {speed:.1f} MB/s"
-        if self.tty:
-            say("\r" + line.ljust(70), end="\n" if final else "")
-        else:
-            say(line)
-
-
-def with_base(url, base):
-    """Swap scheme://host for `base` (keeping the path): https://h/a/b -> BASE/a/b."""
-    if not base:
-        return url
-    return base.rstrip("/") + urllib.parse.urlsplit(url).path
-
-
-def open_url(url, start=0):
-    headers = {"User-Agent": "minigpt4-fetch/1.0"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-
-
-def total_from_range(value):
-    """'bytes 100-999/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000); else (None, None)."""
-    m = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", (value or "").strip())
-    if not m:
-        return None, None
-    return (int(m[1]) if m[1] else None), (int(m[2]) if m[2] != "*" else None)
-
-
-def download(url, dest, optional=False):
-    """url -> dest via dest.part (resumed with Range). False if optional and 404; FetchError on failure."""
-    name = os.path.basename(dest)
-    if os.path.isfile(dest):
-        say(f"  {name}: already there, skipped")
-        return True
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.isfile(part) else 0
-    try:
-        resp = open_url(url, have)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left after `have`: the .part may be the whole file
-            total = total_from_range(e.headers.get("Content-Range"))[1]
-            if total != have:
-                raise FetchError(f"{url}: {part} holds {have} bytes but the server's file is "
-                                 f"{total if total is not None else 'of unknown size'}: delete the .part and run again")
-            os.replace(part, dest)
-            say(f"  {name}: complete ({mb(have)})")
-            return True
-        if e.code == 404 and optional:
-            say(f"  {name}: not on the server (404), skipped: optional")
-            return False
-        raise FetchError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise FetchError(f"{url}: cannot connect ({e.reason})") from None
-    except (OSError, http.client.HTTPException) as e:
-        raise FetchError(f"{url}: {type(e).__name__}: {e}") from None
-    with resp:
-        length = resp.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() else None
-        if resp.status == 206:
-            start, total = total_from_range(resp.headers.get("Content-Range"))
-            if start != have:
-                raise FetchError(f"{url}: asked for bytes {have}- but the server sent "
-                                 f"{resp.headers.get('Content-Range')!r}; delete {part} and run again")
-            mode = "ab"
-            if total is None and length is not None:
-                total = have + length
-            say(f"  {name}: resuming at {mb(have)}")
-        else:  # 200: the whole file (a server that ignores Range also lands here)
-            if have:
-                say(f"  {name}: the server ignored the range request, starting over")
-            have, mode, total = 0, "wb", length
-        prog, lost = Progress(name, have, total), None
+def checked(fn):
+    """A verifier: any problem with the file -> FetchError with one line."""
+    def verify(path):
+        from checkpoint import CheckpointError
         try:
-            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-            with open(part, mode) as f:
-                while True:
-                    try:
-                        chunk = resp.read(CHUNK)
-                    except (http.client.HTTPException, OSError) as e:  # closed early, reset, timeout
-                        lost = f"{type(e).__name__}"
-                        break
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    prog.update(len(chunk))
-        except OSError as e:
-            raise FetchError(f"{url}: cannot write {part}: {e.strerror or e}") from None
-    size = os.path.getsize(part)
-    prog.done = size
-    prog.show(final=True)
-    if lost or (total is not None and size != total):
-        why = f"connection lost ({lost})" if lost else "size mismatch"
-        raise FetchError(f"{url}: {why}: got {size} of {total if total is not None else '?'} bytes; "
-                         f"kept {part}, run again to resume")
-    os.replace(part, dest)  # atomic: dest exists only when complete
-    return True
+            fn(path)
+        except (CheckpointError, ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+            raise FetchError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    return verify
 
 
-def shard_names(index_path, url):
+def same(path, what, found, want):
+    if found != want:
+        raise ValueError(f"{path}: {what} is {found}, the preset needs {want}")
+
+
+def verify_vit(preset):
+    def fn(path):
+        import torch
+        from vit import VisionTransformer
+        cfg = expected(preset)[0].vit
+        m = VisionTransformer.from_pretrained(path, cfg, dtype=torch.float16)  # fp16 file: memory-mapped, no copy
+        same(path, "the ViT (width, patch)", (m.config.width, m.config.patch_size), (cfg.width, cfg.patch_size))
+    return checked(fn)
+
+
+def verify_qformer(preset):
+    def fn(path):
+        from qformer import QFormer
+        cfg = expected(preset)[0].qformer
+        m, _ = QFormer.from_pretrained(path, cfg)
+        same(path, "the Q-Former (width, queries)", (m.config.hidden_size, m.config.n_queries),
+             (cfg.hidden_size, cfg.n_queries))
+    return checked(fn)
+
+
+def verify_proj(preset):
+    def fn(path):
+        from checkpoint import read_checkpoint, unwrap
+        cfg, llm = expected(preset)
+        sd = unwrap(read_checkpoint(path), path)
+        same(path, "the key set", sorted(sd), ["llama_proj.bias", "llama_proj.weight"])
+        in_dim = cfg.qformer.hidden_size if cfg.qformer is not None else cfg.vit.width * cfg.group
+        same(path, "llama_proj.weight's shape", tuple(sd["llama_proj.weight"].shape), (llm.dim, in_dim))
+    return checked(fn)
+
+
+def verify_json(path):
+    try:
+        with open(path) as f:
+            json.load(f)
+    except ValueError as e:
+        raise FetchError(f"{path}: not valid JSON ({e})") from None
+
+
+def verify_index(path):
+    verify_json(path)
+    shard_names(path)
+
+
+@checked
+def verify_tokenizer(path):
+    import sentencepiece
+    if sentencepiece.SentencePieceProcessor(model_file=path).vocab_size() < 1:
+        raise ValueError(f"{path}: an empty SentencePiece model")
+
+
+def verify_shard(keys):
+    """A shard: readable, holding exactly the keys the index assigns to it."""
+    def fn(path):
+        from checkpoint import read_checkpoint
+        sd = read_checkpoint(path)
+        if keys is not None and set(sd) != keys:
+            raise ValueError(f"{path}: holds {len(sd)} keys, the index assigns it {len(keys)} "
+                             f"(e.g. {sorted(set(sd) ^ keys)[:2]})")
+    return checked(fn)
+
+
+def verify_llm(preset, folder):
+    """The whole LLM folder: every key and shape against its config.json, whose width is the preset's."""
+    def fn(path):
+        import torch
+        from llama import Llama
+        m = Llama.from_pretrained(path, dtype=torch.float16)  # the release's dtype: memory-mapped, no copy
+        same(path, "the LLM width", m.cfg.dim, expected(preset)[1].dim)
+    try:
+        checked(fn)(folder)
+    except FetchError as e:
+        raise FetchError(f"{folder} does not load as the {preset} LLM ({e}): delete the folder and run again") from None
+
+
+# ------------------------------------------------------------------------------------------- fetching
+def shard_names(index_path, url=None):
     """The sorted, unique shard file names of an HF index's weight_map (plain names only)."""
     try:
         with open(index_path) as fh:
             names = sorted(set(json.load(fh)["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise FetchError(f"{url}: not a valid index file (no weight_map): delete {index_path}") from None
+        raise FetchError(f"{url or index_path}: not a valid index file (no weight_map)") from None
     bad = [n for n in names if not isinstance(n, str) or os.path.basename(n) != n or n.startswith(".")]
     if bad or not names:
-        raise FetchError(f"{url}: unexpected shard names in the weight_map: {bad[:3]}")
+        raise FetchError(f"{url or index_path}: unexpected shard names in the weight_map: {bad[:3]}")
     return names
 
 
-def fetch_llm(repo, folder, base):
-    """An HF repo's index, then config/tokenizer files, then the shards, into `folder`."""
-    resolve = with_base(repo, base) + "/resolve/main/"
+def fetch_llm(preset, repo, folder, opts):
+    """An HF repo's index, then config/tokenizer files, then the shards, into `folder`; then the whole check."""
+    resolve = repo + "/resolve/main/"
     index = os.path.join(folder, INDEX)
-    if download(resolve + INDEX, index, optional=True):
-        shards = shard_names(index, resolve + INDEX)
+    if download(resolve + INDEX, index, verify_index, optional=True, **opts):
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        shards = {n: {k for k, v in weight_map.items() if v == n} for n in shard_names(index)}
     else:  # an unsharded repo
-        shards = ["pytorch_model.bin"]
-    for name in LLM_FILES + OPTIONAL + shards:
-        download(resolve + urllib.parse.quote(name), os.path.join(folder, name), optional=name in OPTIONAL)
+        shards = {"pytorch_model.bin": None}
+    verifiers = {"tokenizer.model": verify_tokenizer, "config.json": verify_json}
+    for name in LLM_FILES + OPTIONAL:
+        download(resolve + name, os.path.join(folder, name), verifiers.get(name, verify_json),
+                 optional=name in OPTIONAL, **opts)
+    for name, keys in shards.items():
+        download(resolve + urllib.parse.quote(name), os.path.join(folder, name), verify_shard(keys), **opts)
+    verify_llm(preset, folder)
+    say(f"  {os.path.basename(folder)}/: every key and shape checked against its config.json")
 
 
-def fetch(preset, out, parts, base=None):
-    cfg = MiniGPT4Config.from_name(preset)
+def fetch(preset, out, parts, base=None, min_rate=MIN_RATE, window=WINDOW):
+    from model import FILES, URLS
+    cfg = expected(preset)[0]
+    opts = dict(base=base, min_rate=min_rate, window=window)
     for part in parts:
         if part == "qformer" and cfg.qformer is None:
             say(f"qformer: not used by {preset}, skipped")
         elif part in ("vit", "qformer"):
-            url = with_base(URLS[part], base)
-            say(f"{part}: {url}")
-            download(url, os.path.join(out, FILES[part][0]))
+            say(f"{part}: {with_base(URLS[part], base)}")
+            verify = (verify_vit if part == "vit" else verify_qformer)(preset)
+            download(URLS[part], os.path.join(out, FILES[part][0]), verify, **opts)
+        elif part == "proj":
+            url = DRIVE + DRIVE_IDS[preset]
+            say(f"proj: {with_base(url, base)}")
+            download(url, os.path.join(out, FILES["proj"][preset][0]), verify_proj(preset), **opts)
         elif "gated" in URLS[preset]:  # llama2-7b: needs a Hugging Face login and an accepted license
             say(f"llm: not downloaded: get {URLS[preset]} into {os.path.join(out, FILES['llm'][preset][0])}/")
         else:
             say(f"llm: {with_base(URLS[preset], base)}")
-            fetch_llm(URLS[preset], os.path.join(out, FILES["llm"][preset][0]), base)
+            fetch_llm(preset, URLS[preset], os.path.join(out, FILES["llm"][preset][0]), opts)
+
+
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (those that have one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Download the public MiniGPT-4 weights (resumable).")
-    p.add_argument("--model", default="vicuna-7b", help="vicuna-7b, vicuna-13b, llama2-7b (alias llama2)")
+    p = argparse.ArgumentParser(description="Download the MiniGPT-4 weights of a preset (resumable, verified).",
+                                formatter_class=Defaults)
+    p.add_argument("--model", default="vicuna-7b", help=f"{', '.join(MODELS)} (alias: llama2, vicuna, ...)")
     p.add_argument("--out", default="weights", help="weights folder (sample.py --weights)")
-    p.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of vit,qformer,llm")
+    p.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     p.add_argument("--base-url", help="replace scheme://host of every URL (a mirror, or a test server)")
+    p.add_argument("--min-rate", type=float, default=MIN_RATE, help="bytes/s; slower over --stall-window: stop")
+    p.add_argument("--stall-window", type=float, default=WINDOW, help="seconds")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    from model import ALIASES, MissingWeights, find_weights
     preset = ALIASES.get(args.model, args.model)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
-    if preset not in FILES["llm"] or unknown:
+    if preset not in MODELS or unknown:
         say(f"error: unknown {'--only part ' + repr(unknown[0]) if unknown else 'model ' + repr(args.model)}; "
-            f"models: {', '.join(FILES['llm'])}; parts: {','.join(PARTS)}")
+            f"models: {', '.join(MODELS)}; parts: {','.join(PARTS)}")
+        return 2
+    if not (args.min_rate >= 0 and args.stall_window > 0):
+        say("error: --min-rate must be >= 0 and --stall-window > 0")
         return 2
     try:
-        fetch(preset, args.out, parts, args.base_url)
+        if args.base_url:
+            check_base(args.base_url)
+        fetch(preset, args.out, parts, args.base_url, args.min_rate, args.stall_window)
     except FetchError as e:
         say(f"error: {e}")
         return 1

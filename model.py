@@ -84,7 +84,7 @@ URLS = {
     "vicuna-7b": "https://huggingface.co/Vision-CAIR/vicuna-7b",
     "vicuna-13b": "https://huggingface.co/Vision-CAIR/vicuna",
     "llama2-7b": "https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (gated: accept the license first)",
-    "proj": "the Google Drive links in the original README (github.com/Vision-CAIR/MiniGPT-4)",
+    "proj": "Google Drive, the original release's files (fetch.py downloads them)",
 }
 # What a weights folder may hold, first match wins: the original release's names first. TEST FIXTURES: the last
 # name of the qformer, proj and llm lists (blip2_pretrained.pth, minigpt4_*proj.pth, llama/) is the layout of

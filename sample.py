@@ -10,158 +10,51 @@ prerained_minigpt4_7b.pth / pretrained_minigpt4.pth / pretrained_minigpt4_llama2
 vicuna-7b/, vicuna/ or Llama-2-7b-chat-hf/); --vit/--qformer/--llm/--proj override single files. A test
 fixture folder (tests/fixtures/reference/tiny) works too. The answer goes to stdout, logs to stderr.
 
-`Chat` (below) is the original's multi-turn conversation, except that it keeps the LLM's KV cache across
-turns: each follow-up costs only its own tokens instead of re-reading the whole history.
+The conversation itself (with its kept KV cache) is chat.py's `Chat`. torch is imported only when work
+starts, so --help and option mistakes answer at once. Missing weights: the error ends with the fetch.py
+command that downloads them.
 """
 import argparse
 import os
 import sys
 import time
 
-import torch
-
-from model import ALIASES, FILES, IMAGE, TEMPLATES, MiniGPT4, MiniGPT4Config
-
 DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
-MODELS = [*FILES["proj"], *ALIASES]  # the presets with release weights, and their aliases
+MODELS = ["vicuna-7b", "vicuna-13b", "llama2-7b", "llama2", "vicuna", "vicuna7b", "vicuna13b"]  # model.py's
+HELP = ("chat: type a question; Ctrl-C stops an answer (the cut answer and its question are dropped: the next "
+        "question continues the conversation before it); /image PATH starts over with another image, /reset, "
+        "/help, /quit (or Ctrl-D)")
 
 
-class Chat:
-    """A multi-turn conversation (conversation.py's Chat). Messages: {"role": "user"/"assistant", "text",
-    "images", "ids" (the answer tokens)}. The KV cache holds every fed token; a turn feeds only what is new.
-    Past the context cap, the oldest turns without an image are dropped and the rest re-prefilled.
-
-    The first turn's context equals the original's. Later turns differ from the original, which rebuilds the
-    history string from the CLEANED answers and re-tokenizes it every turn: here an answer stays the tokens
-    the model generated (after "Assistant:" / " [/INST] " as prompted), and each text piece between answers
-    and images is tokenized on its own (fresh leading "▁"). So: (1) an answer that stopped on "###" keeps the
-    "###" tokens it generated as the separator, which is what "answer###" re-tokenizes to in the common case;
-    (2) an answer that ended otherwise (eos, which the original also keeps as "</s>" in its text, or
-    max_new_tokens) gets the separator as the start of the next piece: "▁###Human: ..." where the original has
-    "...answer###Human: ..." inline; (3) the next user piece starts with "▁Human" (original: "Human" glued
-    to "###"); (4) Llama-2: the prompt's " [/INST] " ends with a standalone "▁" before the generated answer,
-    where the original re-tokenizes " [/INST] answer" as "▁answer"."""
-
-    def __init__(self, model, max_context=None, **opts):
-        self.model, self.t = model, TEMPLATES[model.cfg.variant]
-        self.max_context = min(max_context or model.cfg.max_context, model.llama_model.cfg.max_seq_len)
-        self.opts = opts  # generation defaults (MiniGPT4.generate's keywords)
-        self.reset()
-
-    def reset(self):
-        self.messages, self.cache, self.n_fed, self.last = [], None, 0, None
-
-    def upload_img(self, image):
-        """A path / PIL image / pixels (3, H, W) / img_embeds (nq, D): encoded once, kept as embeddings."""
-        from data import preprocess
-        if not torch.is_tensor(image):
-            image = preprocess(image, size=self.model.cfg.vit.img_size)
-        if image.dim() == 3 and image.shape[0] == 3:
-            w = self.model.llama_proj.weight
-            with torch.no_grad():
-                image = self.model.encode_img(image[None].to(w.device, w.dtype))[0][0]  # (nq, D)
-        self.messages.append(dict(role="user", text=f"<Img>{IMAGE}</Img>", images=[image], ids=None))
-
-    def ask(self, text):
-        last = self.messages[-1] if self.messages else None
-        if last and last["role"] == "user" and last["text"].endswith("</Img>"):  # joins the image message
-            last["text"] = " ".join([last["text"], text])
-        else:
-            self.messages.append(dict(role="user", text=text, images=[], ids=None))
-
-    def items(self):
-        """The prompt as pieces: str, list of ids (answers) or image embeds (nq, D); adjacent strs merged.
-        Before the first answer this is the template's first_turn, the original's prompt."""
-        t, out = self.t, [self.t.system + self.t.sep]
-        for m in self.messages:
-            if m["role"] == "user":
-                for i, p in enumerate(t.user_turn(m["text"]).split(IMAGE)):
-                    out += ([m["images"][i - 1]] if i else []) + [p]
-            else:
-                out.append(t.open)
-                if m["ids"] is not None:  # answered: its tokens, then the separator if it did not produce it
-                    out += [list(m["ids"]), "" if t.sep in self.model.tokenizer.decode(m["ids"]) else t.sep]
-        merged = []
-        for p in out:
-            if isinstance(p, str) and merged and isinstance(merged[-1], str):
-                merged[-1] += p
-            else:
-                merged.append(p)
-        return [p for p in merged if not (isinstance(p, str) and p == "")]
-
-    def context_embeds(self):
-        """The whole conversation as embeds (1, L, D): text pieces tokenized on their own, bos on the first."""
-        parts = []
-        for i, p in enumerate(self.items()):
-            if isinstance(p, str):
-                parts.append(self.model.embed(self.model.tokenizer.encode(p, bos=i == 0)))
-            elif isinstance(p, list):
-                parts.append(self.model.embed(p))
-            else:
-                parts.append(p[None].to(parts[0].dtype))
-        return torch.cat(parts, dim=1)
-
-    def fit(self, max_new_tokens):
-        """Drop the oldest (question, answer) pairs without an image until history + answer fit the cap; if it
-        still does not fit, cut the history's start (the original's left cut), keeping at least the newest token."""
-        emb = self.context_embeds()
-        while emb.shape[1] + max_new_tokens > self.max_context:
-            ms = self.messages
-            i = next((i for i in range(len(ms) - 2) if ms[i]["role"] == "user" and not ms[i]["images"]), None)
-            if i is None:
-                break
-            n = 2 if ms[i + 1]["role"] == "assistant" else 1  # the question and its answer
-            del ms[i:i + n]
-            self.cache = None  # the kept prefix changed: re-prefill
-            emb = self.context_embeds()
-        if emb.shape[1] + max_new_tokens > self.max_context:
-            print(f"chat: conversation exceeds {self.max_context} tokens; the model will not see its start",
-                  file=sys.stderr)
-            keep = max(self.max_context - max_new_tokens, 1)
-            emb, self.cache = emb[:, -keep:], None
-        return emb
-
-    @torch.no_grad()
-    def answer(self, on_text=None, **opts):
-        """Generate the assistant's reply (streamed through on_text(delta) if given) -> cleaned answer text."""
-        opts = {**self.opts, **opts}
-        max_new = opts.setdefault("max_new_tokens", 300)
-        if max_new >= self.max_context:
-            raise ValueError(f"max_new_tokens {max_new} must be < the context cap {self.max_context} (max_context, "
-                             f"at most the LLM's {self.model.llama_model.cfg.max_seq_len}): the answer must fit")
-        beams = opts.get("num_beams", 1) > 1
-        self.messages.append(dict(role="assistant", text=None, images=[], ids=None))
-        emb = self.fit(max_new)
-        if self.cache is None or self.cache.pos + emb.shape[1] - self.n_fed + max_new > self.cache.max_len:
-            self.cache = None if beams else self.model.llama_model.new_cache(
-                1, max(self.max_context, emb.shape[1] + max_new) + 16)
-            self.n_fed = 0
-        stream = None if on_text is None else (lambda row, delta: on_text(delta))
-        gen = self.model.generate(emb[:, self.n_fed:], cache=self.cache, on_text=stream, **opts)
-        self.last = gen
-        ids = gen.ids[0, :gen.lengths[0]].tolist()
-        if beams:  # the beams' cache rows do not hold the winner: re-prefill next turn
-            self.cache, self.n_fed = None, 0
-        else:  # the cache now holds everything but the last generated token
-            self.n_fed = int(self.cache.n_valid()[0])
-        self.messages[-1].update(ids=ids, text=self.model.clean_answer(ids))
-        return self.messages[-1]["text"]
+def __getattr__(name):  # `from sample import Chat` (older code and the tests) without importing torch up front
+    if name == "Chat":
+        from chat import Chat
+        return Chat
+    if name == "MiniGPT4":
+        from model import MiniGPT4
+        return MiniGPT4
+    raise AttributeError(name)
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-HELP = "chat: type a question; /image PATH to start over with another image, /reset, /quit"
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (those that have one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with MiniGPT-4 about an image.")
+    p = argparse.ArgumentParser(description="Chat with MiniGPT-4 about an image.",
+                                formatter_class=Defaults)
     p.add_argument("--image", help="image file (interactive mode: also /image PATH)")
     p.add_argument("--prompt", help="answer this question once and exit (else: interactive chat)")
     p.add_argument("--model", default="vicuna-7b", choices=MODELS, metavar="MODEL",
-                   help="vicuna-7b, vicuna-13b, llama2-7b (aliases: " + ", ".join(ALIASES) + ")")
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="folder laid out like the original release")
+                   help="vicuna-7b, vicuna-13b, llama2-7b (aliases: " + ", ".join(MODELS[3:]) + ")")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="folder laid out like the original release "
+                                                              "(fetch.py --out; env MINIGPT4_WEIGHTS)")
     for part in ("vit", "qformer", "llm", "proj"):
         p.add_argument(f"--{part}", help=f"override the {part} file/folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -178,6 +71,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every bad option -> one ValueError naming it, before anything slow happens."""
+    import torch
+    from model import ALIASES, MiniGPT4Config
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(args.device)
     except RuntimeError:
@@ -205,12 +102,68 @@ def say(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_weights(args, preset):
+    """Files the user names (--proj out/stage1/ckpt.pth) must exist: never described as downloadable. Missing
+    release files: model.py's list, then the fetch.py command that downloads them."""
+    from model import MissingWeights, find_weights
+    for part in ("vit", "qformer", "llm", "proj"):
+        path = getattr(args, part)
+        if path and not os.path.exists(path):
+            raise ValueError(f"--{part} {path}: no such file or folder")
+    try:
+        find_weights(args.weights, preset, args.vit, args.qformer, args.llm, args.proj)
+    except MissingWeights as e:
+        out = "" if args.weights == "weights" else f" --out {args.weights}"
+        raise MissingWeights(f"{e}\nfetch them with: python fetch.py --model {preset}{out}") from None
+
+
+def describe(model):
+    """The LLM that was actually loaded, in words: its preset name if its shapes are one, else its size."""
+    from llama import LlamaConfig
+    c = model.llama_model.cfg
+    shape = lambda p: (p.dim, p.n_layers, p.norm_eps)  # noqa: E731
+    names = [n for n in ("vicuna-7b", "vicuna-13b", "llama2-7b") if shape(LlamaConfig.from_name(n)) == shape(c)]
+    n = sum(p.numel() for p in model.llama_model.parameters())
+    size = f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+    return f"{names[0] if names else 'an LLM of no release size'} ({size} parameters, {c.n_layers} layers x {c.dim})"
+
+
+def read_line():
+    """The next question; None to exit (Ctrl-D, or Ctrl-C on an empty line). A terminal gets readline editing
+    and history; a pipe is read line by line."""
+    if not sys.stdin.isatty():
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            sys.stderr.write("\n")
+        return line or None
+    try:
+        import readline  # noqa: F401  (line editing and history for input(); absent on some platforms)
+    except ImportError:
+        readline = None
+    try:
+        return input("> ")
+    except EOFError:
+        print()
+        return None
+    except KeyboardInterrupt:
+        print()
+        typed = readline.get_line_buffer() if readline else ""
+        return "" if typed.strip() else None  # a half-typed line is cancelled; an empty one exits
+
+
 def run(args):
+    import torch
+    from chat import Chat
     from data import ImageError, load_image
+    from model import ALIASES, MiniGPT4
     check_args(args)
+    preset = ALIASES.get(args.model, args.model)
     image = None
     if args.image:
         image = load_image(args.image)  # a bad image fails before the slow load
+    check_weights(args, preset)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     else:
@@ -219,7 +172,8 @@ def run(args):
     t0 = time.time()
     model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
                                      dtype=dtype, device=args.device)
-    say(f"loaded {args.model} ({model.cfg.variant}) in {time.time() - t0:.1f}s on {args.device}")
+    say(f"loaded {describe(model)} as {preset} ({model.cfg.variant} prompts) in {time.time() - t0:.1f}s "
+        f"on {args.device}")
     opts = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=not args.greedy,
                 temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 length_penalty=args.length_penalty)
@@ -232,10 +186,8 @@ def run(args):
         return 0
     say(HELP)
     while True:
-        sys.stderr.write("> ")
-        sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":
+        line = read_line()
+        if line is None or line.strip() == "/quit":
             return 0
         line = line.strip()
         if not line:
@@ -246,7 +198,7 @@ def run(args):
                 path = arg.strip()
             elif cmd == "/reset":
                 path = args.image  # start over about the same image (None: no image)
-            else:  # an unknown command, or /image without a path: never sent to the model
+            else:  # /help, an unknown command, or /image without a path: never sent to the model
                 say(HELP)
                 continue
             image = None
@@ -262,22 +214,30 @@ def run(args):
             args.image = path
             say(f"(new conversation{' about ' + path if path else ''})")
             continue
+        saved = [dict(m) for m in chat.messages]  # to drop this exchange if Ctrl-C cuts the answer
         chat.ask(line)
         streamed = args.num_beams == 1
-        text = chat.answer(on_text=(lambda d: print(d, end="", flush=True)) if streamed else None)
+        try:
+            text = chat.answer(on_text=(lambda d: print(d, end="", flush=True)) if streamed else None)
+        except KeyboardInterrupt:
+            chat.messages, chat.cache, chat.n_fed = saved, None, 0  # the next turn re-reads the kept history
+            print(flush=True)
+            say("(stopped: that answer and its question are dropped)")
+            continue
         print("" if streamed else text, flush=True)
 
 
 def main(argv=None):
+    args = parse_args(argv)
     from checkpoint import CheckpointError
     from data import ImageError
-    args = parse_args(argv)
     try:
         return run(args)
     except (CheckpointError, ImageError, ValueError, OSError) as e:
         say(f"error: {e}")
         return 1
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
 
 

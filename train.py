@@ -6,13 +6,12 @@ Train MiniGPT-4's projection `llama_proj` (the only trained weights) with the or
     torchrun --standalone --nproc_per_node=4 train.py --stage 1 --data=...                # 4 GPUs
     python train.py --stage 2 --data=cc_sbu_align --init=out/stage1/ckpt.pth --out_dir=out/stage2
     python train.py --stage 1 --config tiny --data=... --out_dir=out/tiny1                # CPU, seconds
-    ... --resume                                   # continue out_dir/ckpt.pth exactly where it stopped
+    ... --resume  (continue out_dir/ckpt.pth exactly where it stopped)  ... --overwrite  (start out_dir afresh)
 
 Options are the fields of TrainConfig, given as --key=value (or --key value; a bare --flag sets a bool);
 they apply on top of the stage preset and then the --config preset. Outputs: out_dir/ckpt.pth (the
 original's checkpoint format: {"model": {"llama_proj.weight", "llama_proj.bias"}, "optimizer", "scaler",
-"config", "step", "epoch"} plus our own "rng", "data" and "loss" keys) and out_dir/log.jsonl.
-"""
+"config", "step", "epoch"} plus our own "rng", "data" and "loss" keys) and out_dir/log.jsonl (run_dir.py)."""
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import run_dir
 from checkpoint import CheckpointError, read_checkpoint
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "reference", "tiny")
@@ -69,6 +69,7 @@ class TrainConfig:
     ckpt_interval: int = 1000       # also one at the end
     stop_step: int = 0              # stop (with a checkpoint) at this step, keeping the schedule; 0 = the end
     resume: bool = False            # continue out_dir/ckpt.pth: weights, optimizer, scaler, step, RNG, data
+    overwrite: bool = False         # delete out_dir's ckpt.pth and log.jsonl first (else a used out_dir is refused)
     peak_flops: float = 0.0         # per GPU, for MFU; 0 = by GPU name (H100/H200/A100 bf16 dense)
 
 
@@ -83,9 +84,8 @@ CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
                  ckpt_interval=4),
 }
 
-
-RESUME_MAY_CHANGE = ("stop_step", "log_interval", "ckpt_interval", "device", "out_dir", "resume",  # --resume:
-                     "weights", "vit", "qformer", "llm", "init", "grad_checkpointing", "peak_flops")  # rest fixed
+RESUME_MAY_CHANGE = ("stop_step", "log_interval", "ckpt_interval", "device", "out_dir", "resume", "overwrite",
+                     "weights", "vit", "qformer", "llm", "init", "grad_checkpointing", "peak_flops")  # --resume
 MINIMUM = dict(batch_size=1, grad_accum=1, log_interval=1, ckpt_interval=1, iters_per_epoch=1, max_epoch=1,
                max_txt_len=1, num_workers=0, warmup_steps=0, stop_step=0)
 BOOLS = {"true": True, "1": True, "false": False, "0": False}
@@ -164,6 +164,7 @@ def save_checkpoint(path, model, optimizer, scaler, cfg, step, losses, data_stat
                 "rng": [rng for rng, _ in per_rank], "data": [data for _, data in per_rank]}
         torch.save(ckpt, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
+        print(f"saved {path} (step {step})")
 
 
 def load_checkpoint(path, model, optimizer, scaler, cfg, rank, world):
@@ -349,10 +350,10 @@ def train(cfg, batches=None):
     torch.manual_seed(cfg.seed + rank)
     if batches is None:
         batches = Batches(cfg, rank, world)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, step, losses = os.path.join(cfg.out_dir, "ckpt.pth"), 0, []
+    ckpt_path, step, losses = run_dir.prepare(cfg, master), 0, []  # a used out_dir: --resume or --overwrite
     if cfg.resume:  # weights, optimizer, scaler, step, RNG and data position of out_dir/ckpt.pth
         step, losses, data_state = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg, rank, world)
+        run_dir.trim_log(cfg, step) if master else None  # the log lines past the checkpoint are redone
         if isinstance(batches, Batches):
             batches.load_state_dict(data_state)
     end = min(cfg.stop_step or cfg.max_epoch * cfg.iters_per_epoch, cfg.max_epoch * cfg.iters_per_epoch)
@@ -362,8 +363,7 @@ def train(cfg, batches=None):
     names = ("loss", "samples", "tokens", "flops", "skipped")  # what the log sums, over micro-steps and ranks
     interval, logged_step, t0, skipped = dict.fromkeys(names, 0), step, time.time(), 0  # this log interval
     if master:
-        print(f"stage {cfg.stage}: {sum(p.numel() for g in optimizer.param_groups for p in g['params']):,} trained, "
-              f"steps {step}..{end}, batch {cfg.batch_size} x {cfg.grad_accum} micro-steps x {world} process(es)")
+        print(run_dir.banner(cfg, model, sum(p.numel() for p in model.llama_proj.parameters()), step, end, world))
     while step < end:
         lr = get_lr(cfg, step)
         for group in optimizer.param_groups:
@@ -436,7 +436,7 @@ def main(argv=None):
         print(f"{__doc__}\noptions (stage-1 defaults; --stage 2 and --config tiny change some):\n{defaults}")
         return 0
     try:
-        train(parse_args(argv))
+        train(run_dir.check_init(parse_args(argv)))
     except (CheckpointError, D.ImageError, ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -183,3 +183,93 @@ def test_image_preprocessed_at_the_model_size(ref_dir, ref_config, capsys, monke
     monkeypatch.setattr(sample.MiniGPT4, "from_pretrained", lambda *a, **kw: loads.append(a))
     rc = sample.main(["--image", str(ref_dir / "config.json"), "--weights", str(ref_dir), "--prompt", QUESTION])
     assert rc == 1 and loads == [] and "cannot read image" in one_error_line(capsys)
+
+
+def test_missing_weights_end_with_the_fetch_command(tmp_path, capsys):
+    argv = ["--image", "assets/cat.jpg", "--prompt", QUESTION, "--device", "cpu"]
+    assert sample.main(argv + ["--weights", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"fetch them with: python fetch.py --model vicuna-7b --out {tmp_path}")
+    assert sample.main(argv + ["--model", "llama2", "--weights", "weights"]) == 1  # the default folder: no --out
+    assert capsys.readouterr().err.rstrip().endswith("python fetch.py --model llama2-7b")
+
+
+def test_a_file_the_user_trains_is_never_called_downloadable(ref_dir, capsys):
+    rc = sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir), "--prompt", QUESTION,
+                      "--proj", "out/stage1/ckpt.pth"])
+    line = one_error_line(capsys)
+    assert rc == 1 and line == "error: --proj out/stage1/ckpt.pth: no such file or folder"
+
+
+def test_log_names_the_model_actually_loaded(ref_dir, capsys):
+    assert sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir), "--prompt", QUESTION,
+                        "--greedy", "--max-new-tokens", "2"]) == 0
+    log = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loaded")][0]
+    assert log.startswith("loaded an LLM of no release size") and "2 layers x 64" in log  # the tiny fixture
+
+
+def chat_with(ref_dir, monkeypatch, stdin, interrupt_after=None):
+    """Interactive sample.main on stdin; the first streamed answer raises Ctrl-C after `interrupt_after` pieces."""
+    import io
+    import chat
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    orig, calls = chat.Chat.answer, []
+
+    def answer(self, on_text=None, **kw):
+        calls.append(1)
+        if interrupt_after is None or len(calls) > 1:
+            return orig(self, on_text=on_text, **kw)
+        seen = []
+
+        def cut(delta):
+            seen.append(on_text(delta))
+            if len(seen) == interrupt_after:
+                raise KeyboardInterrupt
+        return orig(self, on_text=cut, **kw)
+    monkeypatch.setattr(chat.Chat, "answer", answer)
+    return sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir), "--greedy",
+                        "--max-new-tokens", "20"])
+
+
+def test_ctrl_c_stops_the_answer_and_the_next_question_works(ref_dir, capsys, monkeypatch):
+    assert chat_with(ref_dir, monkeypatch, f"{QUESTION}\n/quit\n") == 0
+    fresh = capsys.readouterr().out.strip()
+    assert chat_with(ref_dir, monkeypatch, f"{QUESTION}\n{QUESTION}\n/quit\n", interrupt_after=2) == 0
+    out, err = capsys.readouterr()
+    assert "(stopped: that answer and its question are dropped)" in err and "Traceback" not in err
+    assert out.splitlines()[-1].strip() == fresh  # the cut exchange is gone: the same answer as a fresh chat
+
+
+@pytest.mark.parametrize("key", [EOFError, KeyboardInterrupt])
+def test_ctrl_d_and_ctrl_c_at_an_empty_prompt_exit_cleanly(ref_dir, capsys, monkeypatch, key):
+    import builtins
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+
+    def press(prompt):
+        raise key
+    monkeypatch.setattr(builtins, "input", press)
+    rc = sample.main(["--image", str(ref_dir / "image0_rgba.png"), "--weights", str(ref_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out == "\n" and "Traceback" not in err
+
+
+def test_image_command_on_a_text_file_says_not_an_image(ref_dir, capsys, monkeypatch):
+    assert chat_with(ref_dir, monkeypatch, "/image README.md\n/quit\n") == 0
+    err = capsys.readouterr().err
+    assert "error: cannot read image README.md: not an image file" in err and "object at 0x" not in err
+
+
+def test_help_is_fast_and_shows_defaults():
+    import time
+    for script in ("sample.py", "fetch.py"):
+        t0 = time.time()
+        rc, out, err = run_script(script, "--help")
+        assert rc == 0 and "(default: " in out, err
+        assert time.time() - t0 < 3, script  # about 0.3 s here; the bound leaves room for a loaded machine
+        assert "import torch" not in err
+
+
+def run_script(script, *args):
+    p = subprocess.run([sys.executable, "-X", "importtime", script, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    return p.returncode, p.stdout, "import torch" if "| torch\n" in p.stderr else ""

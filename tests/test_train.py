@@ -303,7 +303,8 @@ def test_input_mistakes_end_in_one_error_line(align, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     base = ["--config", "tiny", f"--out_dir={tmp_path / 'out'}"]
     cases = {"is a directory": [f"--data={tmp_path / 'empty'}"],
-             "filter_cap.json": ["--stage", "2", f"--data={tmp_path / 'empty'}"],
+             "filter_cap.json": ["--stage", "2", "--init=none", f"--data={tmp_path / 'empty'}"],
+             "--stage 2 starts from the stage-1 projection": ["--stage", "2", f"--data={align}"],
              "notes.txt: not a readable PyTorch checkpoint": [f"--data={align}", f"--init={tmp_path / 'notes.txt'}"],
              "missing weights": [f"--data={align}", "--weights=/nonexistent"],
              "--batch_size must be >= 1, got 0": ["--batch_size=0"],
