@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import checks
 from model import ALIASES, FILES, IMAGE, TEMPLATES, MiniGPT4, MiniGPT4Config
 
 DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
@@ -63,6 +64,7 @@ class Chat:
         self.messages.append(dict(role="user", text=f"<Img>{IMAGE}</Img>", images=[image], ids=None))
 
     def ask(self, text):
+        text = checks.user_text(text, (IMAGE, *self.model.tokenizer.special))  # never a slot or special token
         last = self.messages[-1] if self.messages else None
         if last and last["role"] == "user" and last["text"].endswith("</Img>"):  # joins the image message
             last["text"] = " ".join([last["text"], text])
@@ -178,12 +180,13 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every bad option -> one ValueError naming it, before anything slow happens."""
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device}: not a device (cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    checks.device(args.device)  # cpu or an existing cuda[:N], else one line naming --device
+    checks.number("--temperature", args.temperature, *((None, None) if args.greedy else (0, 100)), lo_open=True)
+    checks.number("--length-penalty", args.length_penalty, -100, 100)
+    if args.repetition_penalty is not None:
+        checks.number("--repetition-penalty", args.repetition_penalty, 0, 100, lo_open=True)
+    if args.seed is not None:
+        checks.seed("--seed", args.seed)
     for name in ("max_new_tokens", "num_beams", "max_context"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -191,8 +194,6 @@ def check_args(args):
     if args.max_new_tokens >= max_context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be < --max-context {max_context} "
                          "(the answer must fit in the context with the prompt)")
-    if not args.greedy and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 when sampling, got {args.temperature} (or use --greedy)")
     if not args.greedy and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.prompt is not None and not args.prompt.strip():
@@ -231,6 +232,8 @@ def run(args):
         print(chat.answer(), flush=True)
         return 0
     say(HELP)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes reach Chat.ask, which replaces them
     while True:
         sys.stderr.write("> ")
         sys.stderr.flush()

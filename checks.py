@@ -1,0 +1,189 @@
+"""
+Checks for everything that comes from outside the code: config values, command-line options, paths, files,
+user text, and the writing of outputs. One place, so that every CLI and loader refuses bad input the same way:
+a ValueError (or OSError) with ONE line that names the file, field or option, raised before anything is
+allocated, read without bound, or overwritten. The CLIs print it as `error: ...` and exit 1.
+
+    check_fields(cfg, "config.json", LIMITS)  # every dataclass field: its type, finite, within (lo, hi)
+    number("--top-p", x, lo=0, hi=1, lo_open=True)   # one option's domain, where it is parsed
+    open_file(path, "rb", what="image", limit=MAX)   # regular files only (never a FIFO or /dev/zero), bounded
+    inside(folder, name, "filter_cap.json image_id")  # a name from a file may not leave its folder
+    atomic_save(obj, path)                            # temp file + fsync + rename; the old file survives a failure
+"""
+import math
+import os
+import stat
+import typing
+from dataclasses import fields
+
+import torch
+
+SEED_MAX = 2 ** 63 - 1  # torch.manual_seed takes at most 64 bits; seeds are offset by rank/dataset
+
+
+# ----------------------------------------------------------------------------------------- values
+def number(name, value, lo=None, hi=None, lo_open=False, integer=False):
+    """`value` must be a finite number (an int if integer) in [lo, hi] ((lo, hi] if lo_open) -> value."""
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+    if low_bad or (hi is not None and value > hi):
+        lo_s = "-inf" if lo is None else lo
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo_s}, {'inf' if hi is None else hi}], "
+                         f"got {value}")
+    return value
+
+
+def check_fields(obj, where, limits):
+    """Every field of the dataclass `obj` must have its annotated type (int, float, bool, str, tuple of ints;
+    Optional allows None) and, for numbers, lie in limits[name] = (lo, hi) or (lo, hi, "open") -> obj."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, t = getattr(obj, f.name), hints[f.name]
+        args = typing.get_args(t)
+        if type(None) in args:  # Optional[X]
+            if value is None:
+                continue
+            t = next(a for a in args if a is not type(None))
+        name = f"{where}: {f.name}"
+        if t is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        elif t in (int, float):
+            lo, hi, *open_ = limits.get(f.name, (None, None))
+            number(name, value, lo, hi, lo_open=bool(open_), integer=t is int)
+        elif t is str:
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be text, got {value!r}")
+        elif t is tuple:
+            if not isinstance(value, tuple):
+                raise ValueError(f"{name} must be a list, got {value!r}")
+            lo, hi = limits.get(f.name, (None, None))
+            for v in value:
+                number(name, v, lo, hi, integer=True)
+    return obj
+
+
+def divisible(where, a_name, a, b_name, b):
+    if a % b:
+        raise ValueError(f"{where}: {a_name} {a} is not divisible by {b_name} {b}")
+
+
+def seed(name, value):
+    return number(name, value, 0, SEED_MAX, integer=True)
+
+
+def device(spec, option="--device"):
+    """A --device value -> torch.device: cpu, or cuda[:N] on a machine that has it; anything else refused."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{option} {spec}: not a device (cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {spec}: not supported (cpu, cuda, cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {spec}: CUDA is not available on this machine (use {option} cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+# -------------------------------------------------------------------------------------------- text
+def user_text(text, reserved=()):
+    """Text typed by a user is text: undecodable bytes (argv/stdin surrogate escapes) become U+FFFD, and each
+    `reserved` string (the image slot, the tokenizer's "<s>"...) is broken with a word joiner after its first
+    character, so it reaches the tokenizer as ordinary characters, never as a slot or a special token."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # lone surrogates -> U+FFFD
+    text = text.encode("utf-8", "replace").decode("utf-8")  # any surrogate left (not from bytes) -> "?"
+    for r in reserved:
+        text = text.replace(r, r[0] + "\u2060" + r[1:])
+    return text
+
+
+# ------------------------------------------------------------------------------------------- paths
+def inside(folder, name, what):
+    """`name` from a file (a shard in an index, an image_id, a captions entry) -> folder/name, refused if it is
+    absolute or climbs out of `folder` (.., or a symlink leading elsewhere)."""
+    name = os.fspath(name)
+    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/") or "\0" in name:
+        raise ValueError(f"{what} {name!r}: must be a file name inside {folder}")
+    path = os.path.join(folder, name)
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise ValueError(f"{what} {name!r}: leads outside {folder}")
+    return path
+
+
+def open_file(path, mode="rb", what="file", limit=None, encoding="utf-8", **kw):
+    """open() for a regular file only: a FIFO, device or folder is refused without blocking (O_NONBLOCK, then
+    fstat), and a file over `limit` bytes is refused before it is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise OSError(f"cannot open {what} {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"{what} {path}: not a regular file (a FIFO, device or folder)")
+    if limit is not None and st.st_size > limit:
+        os.close(fd)
+        raise ValueError(f"{what} {path}: {st.st_size:,} bytes, more than the {limit:,} allowed")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding}), **kw)
+
+
+def read_bytes(path, what="file", limit=None):
+    with open_file(path, "rb", what, limit) as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:  # grew after the stat
+        raise ValueError(f"{what} {path}: more than the {limit:,} bytes allowed")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ writing
+def writable_dir(folder, option="--out_dir"):
+    """Create `folder` if needed and prove it is writable (a probe file), before any work is done."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"{option} {folder}: not writable ({e.strerror})") from None
+
+
+def atomic_save(obj, path, save=torch.save):
+    """save(obj, file) into path.tmp, fsync, rename over `path`, fsync the folder: a crash or a full disk at
+    any point leaves the previous `path` whole. On failure the temp file is removed and one OSError says so."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        kept = f"the last good one is kept at {path}" if os.path.isfile(path) else "none was written before"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        raise OSError(f"cannot write {path} ({why}); {kept}") from None
+    try:  # the rename itself reaches the disk
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is done
