@@ -44,13 +44,14 @@ def read_checkpoint(path):
     try:
         # mmap: tensors stay on disk until used, so a shard costs no more memory than what we keep of it
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: never do that
-        blocked = re.search(r"(?:unsupported |Unsupported global: )(GLOBAL \S+)", str(e))
-        what = f"it asks for {blocked.group(1)}" if blocked else first_line(e).split(". ")[0]
-        raise CheckpointError(f"{path}: refused to load: {what}, which is not a tensor or plain container "
-                              "(only weights are loaded; a pickle that runs code is never unpickled)") from None
-    except Exception as e:
-        why = first_line(e) if is_zip else "neither a torch.save zip file nor a legacy PyTorch checkpoint"
+    except Exception as e:  # torch's own message suggests weights_only=False: never repeat that
+        blocked = re.search(r"(?:unsupported |Unsupported global: )(GLOBAL [\w.]+)", str(e))
+        if blocked:
+            raise CheckpointError(f"{path}: refused to load: its pickle asks for {blocked.group(1)}, which is not a "
+                                  "tensor or plain container (only weights are ever unpickled)") from None
+        why = "neither a torch.save zip file nor a legacy PyTorch checkpoint"
+        if is_zip:
+            why = "a pickle of something other than tensors" if isinstance(e, pickle.UnpicklingError) else first_line(e)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
 
 

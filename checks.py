@@ -10,13 +10,17 @@ allocated, read without bound, or overwritten. The CLIs print it as `error: ...`
     inside(folder, name, "filter_cap.json image_id")  # a name from a file may not leave its folder
     atomic_save(obj, path)                            # temp file + fsync + rename; the old file survives a failure
 """
+import argparse
 import math
 import os
 import stat
+import sys
 import typing
 from dataclasses import fields
 
 import torch
+
+from checkpoint import CheckpointError
 
 SEED_MAX = 2 ** 63 - 1  # torch.manual_seed takes at most 64 bits; seeds are offset by rank/dataset
 
@@ -49,7 +53,7 @@ def check_fields(obj, where, limits):
             if value is None:
                 continue
             t = next(a for a in args if a is not type(None))
-        name = f"{where}: {f.name}"
+        name = where.replace("{}", f.name) if "{}" in where else f"{where}: {f.name}"
         if t is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -187,3 +191,114 @@ def atomic_save(obj, path, save=torch.save):
             os.close(dfd)
     except OSError:
         pass  # some file systems cannot fsync a folder; the rename is done
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is ONE `error: ...` line on stderr (no usage block), exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------- saved structures
+NAT = "natural"  # schema: an int >= 0
+
+
+def check_tree(value, schema, where):
+    """A value read from a file (a resume checkpoint's step, loss, data, rng...) must match `schema`: a type
+    (int excludes bool; float accepts int), NAT, None, a dict {key: schema} (exactly these keys), {type: schema}
+    (any keys of that type), a list [schema] (any length), or a tuple of alternatives."""
+    if isinstance(schema, tuple):
+        errors = []
+        for alt in schema:
+            try:
+                return check_tree(value, alt, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    ok = True
+    if schema is None:
+        ok = value is None
+    elif schema is NAT:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif schema is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(schema, type):
+        ok = isinstance(value, schema) and not (schema is int and isinstance(value, bool))
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            ok = False
+        else:
+            for i, v in enumerate(value):
+                check_tree(v, schema[0], f"{where}[{i}]")
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            ok = False
+        elif len(schema) == 1 and isinstance(next(iter(schema)), type):  # {key type: value schema}
+            (kt, vs), = schema.items()
+            for k, v in value.items():
+                check_tree(k, kt, f"{where} key")
+                check_tree(v, vs, f"{where}[{k!r}]")
+        else:
+            if set(value) != set(schema):
+                raise ValueError(f"{where}: expected the keys {sorted(schema)}, found {sorted(map(str, value))[:8]}")
+            for k, s in schema.items():
+                check_tree(value[k], s, f"{where}[{k!r}]")
+    if not ok:
+        raise ValueError(f"{where}: unexpected {type(value).__name__} {str(value)[:60]!r}")
+    return value
+
+
+def optimizer_state(sd, optimizer, where):
+    """A saved torch.optim state dict must fit `optimizer`: its groups and parameter counts, and per parameter
+    floating tensors of the parameter's shape (AdamW: exp_avg, exp_avg_sq; a scalar step)."""
+    check_tree(sd, {"state": {int: {str: torch.Tensor}}, "param_groups": [dict]}, where)
+    groups = optimizer.param_groups
+    if [len(g.get("params", ())) for g in sd["param_groups"]] != [len(g["params"]) for g in groups]:
+        raise ValueError(f"{where}: its parameter groups do not match the trained parameters")
+    params = [p for g in groups for p in g["params"]]
+    for i, state in sd["state"].items():
+        if not 0 <= i < len(params):
+            raise ValueError(f"{where}: state for a parameter {i} that does not exist")
+        for name, t in state.items():
+            want = () if name == "step" else tuple(params[i].shape)
+            if tuple(t.shape) != want or not t.is_floating_point():
+                raise ValueError(f"{where}: state[{i}][{name!r}] is {t.dtype} {list(t.shape)}, expected "
+                                 f"floating point {list(want)}")
+
+
+POSITION = {"epoch": NAT, "world_size": NAT, "num_workers": NAT, "positions": {int: NAT}, "next": NAT}  # data.track
+DATA_STATE = ({"drawn": NAT, "sources": [{"epoch": NAT, "pos": (None, POSITION, {"epoch": NAT, "batches": NAT})}]},
+              None)  # train.Batches.state_dict(); None: batches fed by a test
+
+
+def train_checkpoint(ck, path, optimizer, total_steps, world):
+    """A train.py checkpoint to resume from: every key of the expected type and shape, before any is used;
+    else one CheckpointError naming the file and the key."""
+    try:
+        _train_checkpoint(ck, path, optimizer, total_steps, world)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _train_checkpoint(ck, path, optimizer, total_steps, world):
+    keys = ("model", "optimizer", "scaler", "config", "step", "rng", "data", "loss")
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{path}: cannot resume, no {', '.join(missing)} (not a train.py checkpoint?)")
+    check_tree(ck["config"], {str: (int, float, str, bool)}, f"{path}: config")
+    step = check_tree(ck["step"], NAT, f"{path}: step")
+    if step > total_steps:
+        raise ValueError(f"{path}: step {step} is beyond the schedule's {total_steps} steps (max_epoch x iters_per_epoch)")
+    if len(check_tree(ck["loss"], [float], f"{path}: loss")) != step:
+        raise ValueError(f"{path}: loss holds {len(ck['loss'])} values for {step} steps")
+    for name, schema in (("rng", [torch.Tensor]), ("data", [DATA_STATE])):
+        if len(check_tree(ck[name], schema, f"{path}: {name}")) != world:
+            raise ValueError(f"{path} was saved by {len(ck[name])} processes, resuming with {world}")
+    like = torch.get_rng_state()
+    for i, r in enumerate(ck["rng"]):
+        if r.dtype != like.dtype or r.shape != like.shape:
+            raise ValueError(f"{path}: rng[{i}] is {r.dtype} {list(r.shape)}, not a torch RNG state")
+    optimizer_state(ck["optimizer"], optimizer, f"{path}: optimizer")
+    check_tree(ck["scaler"], {str: (float, bool, None)}, f"{path}: scaler")

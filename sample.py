@@ -13,7 +13,6 @@ fixture folder (tests/fixtures/reference/tiny) works too. The answer goes to std
 `Chat` (below) is the original's multi-turn conversation, except that it keeps the LLM's KV cache across
 turns: each follow-up costs only its own tokens instead of re-reading the whole history.
 """
-import argparse
 import os
 import sys
 import time
@@ -155,7 +154,7 @@ HELP = "chat: type a question; /image PATH to start over with another image, /re
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with MiniGPT-4 about an image.")
+    p = checks.ArgumentParser(description="Chat with MiniGPT-4 about an image.")  # bad option: one line
     p.add_argument("--image", help="image file (interactive mode: also /image PATH)")
     p.add_argument("--prompt", help="answer this question once and exit (else: interactive chat)")
     p.add_argument("--model", default="vicuna-7b", choices=MODELS, metavar="MODEL",
