@@ -44,7 +44,8 @@ def number(name, value, lo=None, hi=None, lo_open=False, integer=False):
 
 def check_fields(obj, where, limits):
     """Every field of the dataclass `obj` must have its annotated type (int, float, bool, str, tuple of ints;
-    Optional allows None) and, for numbers, lie in limits[name] = (lo, hi) or (lo, hi, "open") -> obj."""
+    Optional allows None) and, for numbers, lie in limits[name] = (lo, hi) or (lo, hi, "open") -> obj. Errors
+    name `where: field`, or `where` with {} replaced by the field ("--{}": the command-line option)."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         value, t = getattr(obj, f.name), hints[f.name]
@@ -165,13 +166,13 @@ def writable_dir(folder, option="--out_dir"):
         raise OSError(f"{option} {folder}: not writable ({e.strerror})") from None
 
 
-def atomic_save(obj, path, save=torch.save):
-    """save(obj, file) into path.tmp, fsync, rename over `path`, fsync the folder: a crash or a full disk at
+def atomic_save(obj, path, save=None):
+    """save(obj, file) (default torch.save) into path.tmp, fsync, rename over `path`, fsync the folder: a crash or a full disk at
     any point leaves the previous `path` whole. On failure the temp file is removed and one OSError says so."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            save(obj, f)
+            (save or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -250,7 +250,10 @@ class Llama(nn.Module):
         ignore = re.compile("|".join(IGNORED_KEYS + (["lm_head.weight"] if cfg.tie_embeddings else [])))
         for key, tensor in items:
             if not ignore.fullmatch(key):
-                assign(model, key, tensor, dtype, device)
+                try:
+                    assign(model, key, tensor, dtype, device)
+                except CheckpointError as e:  # name the folder, as every other loading error does
+                    raise CheckpointError(f"{folder}: {e}") from None
         if cfg.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         check_complete(model, f"checkpoint in {folder}")
