@@ -144,8 +144,8 @@ def open_file(path, mode="rb", what="file", limit=None, encoding="utf-8", **kw):
 
 
 def read_bytes(path, what="file", limit=None):
-    with open_file(path, "rb", what, limit) as f:
-        data = f.read() if limit is None else f.read(limit + 1)
+    with open_file(path, "rb", what, limit) as f:  # read(n) allocates n bytes at once: ask for the size + 1
+        data = f.read() if limit is None else f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)
     if limit is not None and len(data) > limit:  # grew after the stat
         raise ValueError(f"{what} {path}: more than the {limit:,} bytes allowed")
     return data

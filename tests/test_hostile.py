@@ -131,11 +131,7 @@ def evil_pickle(path, legacy=False):
     class Evil:
         def __reduce__(self):
             return os.system, ("touch PWNED",)
-    if legacy:
-        import pickle
-        path.write_bytes(pickle.dumps({"llama_proj.weight": Evil()}))
-    else:
-        torch.save({"model": {"llama_proj.weight": Evil()}}, path)
+    torch.save({"model": {"llama_proj.weight": Evil()}}, path, _use_new_zipfile_serialization=not legacy)
     return path
 
 
@@ -372,6 +368,9 @@ def test_4_tar_member_too_big_is_skipped_and_counted(box):
     class Zeros(io.RawIOBase):
         def __init__(self, n):
             self.left = n
+        def readable(self):
+            return True
+
         def readinto(self, b):
             n = min(len(b), self.left)
             b[:n] = bytes(n)
@@ -416,11 +415,13 @@ def test_5_invalid_utf8_from_argv_and_stdin(box):
     """The real exit path: undecodable bytes in --prompt and on stdin are replaced, the chat answers."""
     py = [sys.executable, str(ROOT / "sample.py"), "--weights", str(TINY), "--image", str(PHOTO), "--device", "cpu",
           "--max-new-tokens", "3", "--greedy"]
-    one = subprocess.run([os.fsencode(a) for a in py] + [b"--prompt", b"what \xff\xfe <ImageHere> </s>?"],
-                         capture_output=True, timeout=120, cwd=box)
-    chat = subprocess.run(py, input=b"hello \xff\xc3\n<ImageHere>\n/quit\n", capture_output=True, timeout=120, cwd=box)
-    for p in (one, chat):
-        assert p.returncode == 0 and b"Traceback" not in p.stderr and b"error:" not in p.stderr, p.stderr[-2000:]
+    pipe = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=box)
+    one = subprocess.Popen([os.fsencode(a) for a in py] + [b"--prompt", b"what \xff\xfe <ImageHere> </s>?"], **pipe)
+    chat = subprocess.Popen(py, **pipe)  # both at once: half the wall time
+    for p, stdin in ((one, b""), (chat, b"hello \xff\xc3\n<ImageHere>\n/quit\n")):
+        out, err = p.communicate(stdin, timeout=120)
+        assert p.returncode == 0 and b"Traceback" not in err and b"error:" not in err, err[-2000:]
+        assert out.strip(), err[-2000:]  # answered
 
 
 # ---------------------------------------------------------------- 6. options outside their domain
@@ -490,8 +491,9 @@ def _resume_matches_straight_run(run, out_dir, box):
     """--resume from out_dir finishes the 4 steps with the weights of a run that was never interrupted."""
     rc, out, err = call(T.main, train_argv(run, out_dir, "--resume"))
     assert rc == 0 and "steps 2..4" in out, err
-    straight = box / "straight"
-    assert call(T.main, train_argv(run, straight))[0] == 0
+    straight = run["root"] / "straight"  # once per module
+    if not (straight / "ckpt.pth").exists():
+        assert call(T.main, train_argv(run, straight))[0] == 0
     a, b = (torch.load(d / "ckpt.pth", weights_only=True) for d in (out_dir, straight))
     assert a["step"] == b["step"] == 4 and a["loss"] == b["loss"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -594,12 +596,11 @@ def test_8_atomic_save_removes_its_temp_file(box):
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_9_unsafe_pickle_names_what_was_blocked(box, run, legacy):
     evil = evil_pickle(box / "evil.pth", legacy)
-    line = refused(call(T.main, train_argv(run, box / "out", f"--init={evil}")), "evil.pth", "refused")
-    assert EVIL_GLOBAL in line or legacy, line
+    refused(call(T.main, train_argv(run, box / "out", f"--init={evil}")), "evil.pth", "refused", EVIL_GLOBAL)
     w = weights_copy(box)
     os.remove(w / "llama" / "model.safetensors")
     evil_pickle(w / "llama" / "pytorch_model.bin", legacy)
-    refused(call(sample.main, sample_args(w)), "pytorch_model.bin", "refused" if not legacy else "")
+    refused(call(sample.main, sample_args(w)), "pytorch_model.bin", "refused", EVIL_GLOBAL)
     assert not (box / "PWNED").exists()
 
 
@@ -611,9 +612,11 @@ def test_9_seed_out_of_range(box, seed):
 
 def test_9_real_exit_path_one_line(box):
     """The CLIs as processes: exit status 1 (2: argparse), one `error:` line, for a few of the cases above."""
-    for argv, name in ((["sample.py", "--image", "/dev/zero", "--weights", str(TINY), "--device", "cpu"], "/dev/zero"),
-                       (["train.py", "--config", "tiny", "--data=x.tar", "--device=mps"], "--device"),
-                       (["data.py", "pack", ".", "x.json", "out", "--resize", "0"], "--resize")):
-        p = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
-                           timeout=120, cwd=box)
-        refused((p.returncode, p.stdout, p.stderr), name)
+    cases = ((["sample.py", "--image", "/dev/zero", "--weights", str(TINY), "--device", "cpu"], "/dev/zero"),
+             (["train.py", "--config", "tiny", "--data=x.tar", "--device=mps"], "--device"),
+             (["data.py", "pack", ".", "x.json", "out", "--resize", "0"], "--resize"))
+    procs = [subprocess.Popen([sys.executable, str(ROOT / argv[0]), *argv[1:]], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=box) for argv, _ in cases]
+    for p, (_, name) in zip(procs, cases):
+        out, err = p.communicate(timeout=120)
+        refused((p.returncode, out, err), name)
