@@ -182,7 +182,10 @@ class QFormer(nn.Module):
         Widths, layer count, query count and cross-attention layers always come from the keys and shapes;
         heads and eps from `config` (default QFormerConfig()). Keys matching SKIP are ignored; every other one is used."""
         sd = unwrap(read_checkpoint(path), path)
-        cfg = infer_config(sd, config, path)
+        try:
+            cfg = infer_config(sd, config, path)
+        except ValueError as e:  # a shape outside QFormerConfig's limits
+            raise CheckpointError(f"{path}: {e}") from None
         with torch.device("meta"):
             model = cls(cfg)
         ln_vision = {}

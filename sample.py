@@ -186,6 +186,7 @@ def check_args(args):
         checks.number("--repetition-penalty", args.repetition_penalty, 0, 100, lo_open=True)
     if args.seed is not None:
         checks.seed("--seed", args.seed)
+    checks.number("--num-beams", args.num_beams, 1, 64, integer=True)  # each beam holds a KV cache
     for name in ("max_new_tokens", "num_beams", "max_context"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

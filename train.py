@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 
-import data as D
 import checks
+import data as D
 from checkpoint import CheckpointError, read_checkpoint
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "reference", "tiny")

@@ -168,7 +168,10 @@ class VisionTransformer(nn.Module):
         config's if given (the file must have at least that many blocks), else the file's block count (a
         40-block EVA-CLIP file keeps 39); extra blocks are dropped with a log line. Every other key must fit."""
         sd = unwrap(read_checkpoint(path), path)
-        cfg, n_blocks = infer_config(sd, config, path)
+        try:
+            cfg, n_blocks = infer_config(sd, config, path)
+        except ValueError as e:  # a shape outside ViTConfig's limits
+            raise CheckpointError(f"{path}: {e}") from None
         if n_blocks > cfg.depth:
             print(f"vit: {path} holds {n_blocks} blocks, using the first {cfg.depth} "
                   f"(dropping blocks {cfg.depth}..{n_blocks - 1})", file=sys.stderr)

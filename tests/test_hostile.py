@@ -282,6 +282,10 @@ WEIGHTS = {  # one tensor of the release folder made hostile -> what the error n
     "llama-norm-shape": (_llama("model.norm.weight", lambda t: t[:3].clone()), "llama: shape mismatch for model.norm"),
     "vit-norm-int": (lambda w: edit_pth(w / "eva_vit_g.pth", lambda sd: sd.update(
         {"blocks.0.norm1.weight": sd["blocks.0.norm1.weight"].int()})), "eva_vit_g.pth: blocks.0.norm1.weight"),
+    "vit-width-over-limit": (lambda w: edit_pth(w / "eva_vit_g.pth", lambda sd: sd.update(
+        {"patch_embed.proj.weight": torch.zeros(20000, 3, 1, 1)})), "eva_vit_g.pth: ViTConfig: width"),
+    "qformer-width-over-limit": (lambda w: edit_pth(w / "blip2_pretrained.pth", lambda sd: sd.update(
+        {"query_tokens": torch.zeros(1, 4, 20000)})), "blip2_pretrained.pth"),
     "vit-bias-nan": (lambda w: edit_pth(w / "eva_vit_g.pth", lambda sd: sd["blocks.0.norm1.bias"].fill_(float("nan"))),
                      "blocks.0.norm1.bias"),
     "qformer-bias-inf": (lambda w: edit_pth(w / "blip2_pretrained.pth", lambda sd: next(
@@ -428,7 +432,8 @@ def test_5_invalid_utf8_from_argv_and_stdin(box):
 SAMPLE_OPTIONS = [
     ("--repetition-penalty", "0"), ("--repetition-penalty", "-1"), ("--repetition-penalty", "nan"),
     ("--length-penalty", "nan"), ("--length-penalty", "inf"), ("--temperature", "nan"), ("--temperature", "inf"),
-    ("--top-p", "nan"), ("--max-new-tokens", "-5"), ("--num-beams", "abc"), ("--seed", str(2**70)),
+    ("--top-p", "nan"), ("--max-new-tokens", "-5"), ("--num-beams", "abc"), ("--num-beams", "1000000000"),
+    ("--seed", str(2**70)),
 ]
 TRAIN_OPTIONS = [
     "--min_lr=-1", "--warmup_lr=nan", "--grad_clip=-1", "--lr=inf", "--beta1=1", "--weight_decay=-0.1",
