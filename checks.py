@@ -152,12 +152,30 @@ def read_bytes(path, what="file", limit=None):
 
 
 # ------------------------------------------------------------------------------------------ writing
+def create(path):
+    """A new file for writing -> file object; an existing entry (a planted symlink, a FIFO) is removed first,
+    and the file is created exclusively without following links, so a write never lands outside its folder."""
+    if os.path.lexists(path):
+        os.remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def append_line(path, line):
+    """Append one text line to a regular file (created if needed), never through a symlink or into a FIFO."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file (a FIFO or device)")
+        f.write(line + "\n")
+
+
 def writable_dir(folder, option="--out_dir"):
     """Create `folder` if needed and prove it is writable (a probe file), before any work is done."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
+        with create(probe) as f:
             f.write(b"ok")
             f.flush()
             os.fsync(f.fileno())
@@ -171,7 +189,7 @@ def atomic_save(obj, path, save=None):
     any point leaves the previous `path` whole. On failure the temp file is removed and one OSError says so."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with create(tmp) as f:
             (save or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())

@@ -50,13 +50,15 @@ def load_image(src, name=None, exif=False):
             if len(src) == 0:
                 raise ValueError("empty (0 bytes)")
             src = io.BytesIO(src)
-        img = src if isinstance(src, Image.Image) else Image.open(src)  # checks the decompression-bomb limit
-        img.load()  # full decode now: a truncated file fails here, not later
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS is an error, not Pillow's warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = src if isinstance(src, Image.Image) else Image.open(src)  # checks the decompression-bomb limit
+            img.load()  # full decode now: a truncated file fails here, not later
         img = ImageOps.exif_transpose(img) if exif else img
         if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit gray (H, W) 0..65535 -> 8 bits
             img = Image.fromarray(np.clip(np.round(np.asarray(img) / 257.0), 0, 255).astype(np.uint8), "L")
         return img.convert("RGB")
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"cannot read image {name}: {e} (limit PIL.Image.MAX_IMAGE_PIXELS)") from e
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for broken files
         raise ImageError(f"cannot read image {name}: {type(e).__name__}: {e}") from e

@@ -196,9 +196,9 @@ def data_sources(spec):
     found = [re.fullmatch(r"(.+):(\d+(?:\.\d*)?)", p) for p in pieces]
     if not any(found):
         return [(spec, 1.0)]
-    bad = [p for p, m in zip(pieces, found) if not m or float(m.group(2)) <= 0]
+    bad = [p for p, m in zip(pieces, found) if not m or not 0 < float(m.group(2)) < 1e9]
     if bad:
-        raise ValueError(f"--data: mixing datasets needs a positive :RATIO after each one; {bad[0]!r} has none")
+        raise ValueError(f"--data: mixing datasets needs a :RATIO in (0, 1e9) after each one; {bad[0]!r} has none")
     return [(m.group(1), float(m.group(2))) for m in found]
 
 
@@ -417,8 +417,7 @@ def train(cfg, batches=None):
                 rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if master:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as log:
-                    log.write(json.dumps(rec) + "\n")
+                checks.append_line(os.path.join(cfg.out_dir, "log.jsonl"), json.dumps(rec))  # never via a link/FIFO
             interval, logged_step, t0 = dict.fromkeys(names, 0), step, time.time()
         if step % cfg.ckpt_interval == 0 or step == end:
             data_state = batches.state_dict() if isinstance(batches, Batches) else None
