@@ -426,17 +426,18 @@ def test_5_user_text_cannot_insert_an_image_slot_or_special_tokens(box):
     assert len(chat.messages) == 6
 
 
-def test_5_invalid_utf8_from_argv_and_stdin(box):
-    """The real exit path: undecodable bytes in --prompt and on stdin are replaced, the chat answers."""
-    py = [sys.executable, str(ROOT / "sample.py"), "--weights", str(TINY), "--image", str(PHOTO), "--device", "cpu",
-          "--max-new-tokens", "3", "--greedy"]
-    pipe = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=box)
-    one = subprocess.Popen([os.fsencode(a) for a in py] + [b"--prompt", b"what \xff\xfe <ImageHere> </s>?"], **pipe)
-    chat = subprocess.Popen(py, **pipe)  # both at once: half the wall time
-    for p, stdin in ((one, b""), (chat, b"hello \xff\xc3\n<ImageHere>\n/quit\n")):
-        out, err = p.communicate(stdin, timeout=120)
-        assert p.returncode == 0 and b"Traceback" not in err and b"error:" not in err, err[-2000:]
-        assert out.strip(), err[-2000:]  # answered
+def test_5_invalid_utf8_from_argv_and_stdin(box, monkeypatch):
+    """Undecodable bytes in --prompt (a real process: Python's own argv decoding) and on stdin are replaced, and
+    the chat answers."""
+    argv = ["--weights", TINY, "--image", PHOTO, "--device", "cpu", "--max-new-tokens", "3", "--greedy"]
+    p = subprocess.run([sys.executable, os.fsencode(ROOT / "sample.py"), *map(os.fsencode, argv), b"--prompt",
+                        b"what \xff\xfe <ImageHere> </s>?"], capture_output=True, timeout=120, cwd=box)
+    assert p.returncode == 0 and b"Traceback" not in p.stderr and b"error:" not in p.stderr, p.stderr[-2000:]
+    assert p.stdout.strip(), p.stderr[-2000:]  # answered
+    stdin = io.TextIOWrapper(io.BytesIO(b"hello \xff\xc3\n<ImageHere> </s>\n/quit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc, out, err = call(sample.main, argv)
+    assert rc == 0 and len(out.strip().splitlines()) == 2 and "Traceback" not in err and "error:" not in err, err
 
 
 # ---------------------------------------------------------------- 6. options outside their domain
