@@ -32,13 +32,13 @@ def number(name, value, lo=None, hi=None, lo_open=False, integer=False):
     if isinstance(value, bool) or not ok_type:
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (an int is finite: 10**400 has no float)
         raise ValueError(f"{name} must be finite, got {value}")
     low_bad = lo is not None and (value <= lo if lo_open else value < lo)
     if low_bad or (hi is not None and value > hi):
         lo_s = "-inf" if lo is None else lo
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo_s}, {'inf' if hi is None else hi}], "
-                         f"got {value}")
+        got = str(value) if len(str(value)) <= 40 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo_s}, {'inf' if hi is None else hi}], got {got}")
     return value
 
 

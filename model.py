@@ -151,7 +151,7 @@ def folder_configs(folder):
                            norm_eps=q["layer_norm_eps"], encoder_width=q["encoder_width"],
                            n_queries=q["num_query_token"], cross_attention_freq=q["cross_attention_freq"],
                            cross_attention_layers=tuple(q["cross_attention_layers"]))
-        return vit, qf, dims.get("ln_vision", {}).get("eps", 1e-5)
+        return vit, qf, checks.number("ln_vision.eps", dims.get("ln_vision", {}).get("eps", 1e-5), 0, 1, lo_open=True)
 
 
 # ----------------------------------------------------------------------------------------------- model

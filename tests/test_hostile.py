@@ -180,11 +180,13 @@ LLAMA_CONFIG = [  # config.json field -> hostile value, and the field the error 
     ("rms_norm_eps", float("nan"), "norm_eps"), ("rope_theta", -1, "rope_theta"),
     ("max_position_embeddings", 2**40, "max_seq_len"), ("tie_word_embeddings", "yes", "tie_embeddings"),
     ("num_key_value_heads", 3, "n_kv_heads"), ("hidden_size", None, "dim"), ("num_hidden_layers", True, "n_layers"),
+    ("num_hidden_layers", 10**400, "n_layers"), ("rms_norm_eps", float("inf"), "norm_eps"),
 ]
 VISION_CONFIG = [  # config.json dims.{vit,qformer} (the fixture layout) -> the field named
     ("vit", "depth", 10**6, "depth"), ("vit", "num_heads", 0, "n_heads"), ("vit", "norm_eps", -1, "norm_eps"),
     ("qformer", "hidden_size", "64", "hidden_size"), ("qformer", "cross_attention_layers", [99], "cross_attention"),
     ("qformer", "num_query_token", 10**9, "n_queries"), ("qformer", "num_attention_heads", 3, "divisible"),
+    ("ln_vision", "eps", "x", "ln_vision.eps"), ("ln_vision", "eps", 0, "ln_vision.eps"),
 ]
 
 
@@ -449,7 +451,8 @@ SAMPLE_OPTIONS = [
 ]
 TRAIN_OPTIONS = [
     "--min_lr=-1", "--warmup_lr=nan", "--grad_clip=-1", "--lr=inf", "--beta1=1", "--weight_decay=-0.1",
-    "--max_epoch=10000000", "--seed=-1", f"--seed={2**70}", "--batch_size=1e9", "--stage=3", "--dtype=int8",
+    "--max_epoch=10000000", "--seed=-1", f"--seed={2**70}", f"--seed={10**400}", "--batch_size=1e9", "--stage=3",
+    "--dtype=int8", "--lr=1e400",
 ]
 PACK_OPTIONS = [("--resize", "0"), ("--resize", "100000"), ("--shard-size", "0"), ("--shard-size", "abc")]
 
