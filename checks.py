@@ -103,8 +103,10 @@ def user_text(text, reserved=()):
     """Text typed by a user is text: undecodable bytes (argv/stdin surrogate escapes) become U+FFFD, and each
     `reserved` string (the image slot, the tokenizer's "<s>"...) is broken with a word joiner after its first
     character, so it reaches the tokenizer as ordinary characters, never as a slot or a special token."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # lone surrogates -> U+FFFD
-    text = text.encode("utf-8", "replace").decode("utf-8")  # any surrogate left (not from bytes) -> "?"
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # escaped bytes -> U+FFFD
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte ("\ud800")
+        text = text.encode("utf-8", "replace").decode("utf-8")
     for r in reserved:
         text = text.replace(r, r[0] + "\u2060" + r[1:])
     return text

@@ -416,7 +416,7 @@ def test_5_user_text_cannot_insert_an_image_slot_or_special_tokens(box):
     chat = sample.Chat(m, max_new_tokens=3, do_sample=False)
     chat.upload_img(str(PHOTO))
     tok = m.tokenizer
-    for text in (f"two {IMAGE} slots {IMAGE}", "stop </s> here <s> <unk>", "bad \udcff bytes"):
+    for text in (f"two {IMAGE} slots {IMAGE}", "stop </s> here <s> <unk>", "bad \udcff bytes", "lone \ud800"):
         with bounded():
             chat.ask(text)
             chat.answer()  # the conversation goes on
@@ -425,7 +425,7 @@ def test_5_user_text_cannot_insert_an_image_slot_or_special_tokens(box):
         for i, p in enumerate(p for p in pieces if isinstance(p, str)):
             ids = tok.encode(p, bos=i == 0)
             assert tok.eos_id not in ids and tok.unk_id not in ids and tok.bos_id not in ids[1:], (p, ids)
-    assert len(chat.messages) == 6
+    assert len(chat.messages) == 8
 
 
 def test_5_invalid_utf8_from_argv_and_stdin(box, monkeypatch):
@@ -544,7 +544,12 @@ def test_8_full_tmpfs(box, run):
     """A real full file system where mounting works (root with CAP_SYS_ADMIN); skipped elsewhere."""
     mnt = box / "mnt"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):  # no mount command
+        mounted = False
+    if not mounted:
         pytest.skip("cannot mount a tmpfs here (the ENOSPC injection test covers the same path)")
     try:
         out_dir = shutil.copytree(run["ckpt"].parent, mnt / "out")
