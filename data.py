@@ -97,7 +97,7 @@ def preprocess(src, train=False, size=224, generator=None, exif=False, name=None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Captions and shard lists.
+# Captions (the shard lists and tar reading live in shards.py).
 
 def pre_caption(caption, max_words=50):
     """The original stage-1 caption clean-up (BLIP `pre_caption`): lowercase, each of .!"()*#:;~ -> space,
