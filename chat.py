@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+import checks
+
 from model import IMAGE, TEMPLATES
 
 
@@ -46,6 +48,7 @@ class Chat:
         self.messages.append(dict(role="user", text=f"<Img>{IMAGE}</Img>", images=[image], ids=None))
 
     def ask(self, text):
+        text = checks.user_text(text, (IMAGE, *self.model.tokenizer.special))  # never a slot or special token
         last = self.messages[-1] if self.messages else None
         if last and last["role"] == "user" and last["text"].endswith("</Img>"):  # joins the image message
             last["text"] = " ".join([last["text"], text])

@@ -11,6 +11,9 @@ the checkpoint's shapes decide) are shared by vit.py and qformer.py.
 Every problem raises CheckpointError with one line that names the file or the key.
 """
 import os
+import pickle
+import re
+import stat
 import sys
 import zipfile
 from contextlib import contextmanager
@@ -27,8 +30,10 @@ class CheckpointError(RuntimeError):
 def read_checkpoint(path):
     """Read a .pth/.bin (torch zip, tensors only: weights_only=True) or .safetensors file -> dict."""
     path = str(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or folder)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -39,8 +44,14 @@ def read_checkpoint(path):
     try:
         # mmap: tensors stay on disk until used, so a shard costs no more memory than what we keep of it
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as e:
-        why = first_line(e) if is_zip else "neither a torch.save zip file nor a legacy PyTorch checkpoint"
+    except Exception as e:  # torch's own message suggests weights_only=False: never repeat that
+        blocked = re.search(r"(?:unsupported |Unsupported global: )(GLOBAL [\w.]+)", str(e))
+        if blocked:
+            raise CheckpointError(f"{path}: refused to load: its pickle asks for {blocked.group(1)}, which is not a "
+                                  "tensor or plain container (only weights are ever unpickled)") from None
+        why = "neither a torch.save zip file nor a legacy PyTorch checkpoint"
+        if is_zip:
+            why = "a pickle of something other than tensors" if isinstance(e, pickle.UnpicklingError) else first_line(e)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
 
 
@@ -82,6 +93,10 @@ def assign(model, key, tensor, dtype=None, device="cpu"):
     if tuple(old.shape) != tuple(tensor.shape):
         raise CheckpointError(f"shape mismatch for {key}: checkpoint has {list(tensor.shape)}, "
                               f"model expects {list(old.shape)}")
+    if old.is_floating_point() and not tensor.is_floating_point():  # ints, bools, float bits relabelled as ints
+        raise CheckpointError(f"{key}: checkpoint holds {tensor.dtype}, expected floating point weights")
+    if tensor.dim() <= 1 and tensor.is_floating_point() and not torch.isfinite(tensor).all():  # norms, biases
+        raise CheckpointError(f"{key}: holds NaN or infinite values")
     dtype = dtype if (dtype is not None and old.is_floating_point()) else old.dtype
     t = tensor.to(device=device, dtype=dtype)
     if name in module._parameters:

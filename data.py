@@ -1,21 +1,24 @@
 """Data for MiniGPT-4: image preprocessing, the stage-1 shard dataset, the stage-2 cc_sbu_align dataset, the
 caption clean-up, and `python data.py pack IMAGES_DIR CAPTIONS OUT_DIR [--shard-size 1000] [--resize 224]`."""
-import argparse
 import csv
-import glob as globlib
 import io
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+import checks
+from shards import braceexpand, expand_shards, read_tar, split_shards  # noqa: F401 (data.* API)
 
 # ----------------------------------------------------------------------------------------------------------
 # Images: the original eval processor (`Blip2ImageEvalProcessor`): convert("RGB") -> PIL bicubic resize to
@@ -27,6 +30,7 @@ from PIL import Image, ImageOps
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_IMAGE_BYTES = 64 * 2**20  # an image file bigger than this is refused unread (as a shard member: shards.py)
 
 
 class ImageError(Exception):
@@ -36,21 +40,25 @@ class ImageError(Exception):
 def load_image(src, name=None, exif=False):
     """A path, bytes, file object or PIL image -> a fully decoded RGB PIL image, else ImageError naming it."""
     name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
+    if isinstance(src, (str, os.PathLike)):  # a regular file of bounded size only (never a FIFO, /dev/zero)
+        try:
+            src = checks.read_bytes(src, "image", MAX_IMAGE_BYTES)
+        except (OSError, ValueError) as e:
+            raise ImageError(str(e)) from None
     try:
-        if isinstance(src, (str, os.PathLike)):
-            with open(src, "rb") as f:
-                src = f.read()
         if isinstance(src, (bytes, bytearray, memoryview)):
             if len(src) == 0:
                 raise ValueError("empty (0 bytes)")
             src = io.BytesIO(src)
-        img = src if isinstance(src, Image.Image) else Image.open(src)  # checks the decompression-bomb limit
-        img.load()  # full decode now: a truncated file fails here, not later
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS is an error, not Pillow's warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = src if isinstance(src, Image.Image) else Image.open(src)  # checks the decompression-bomb limit
+            img.load()  # full decode now: a truncated file fails here, not later
         img = ImageOps.exif_transpose(img) if exif else img
         if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit gray (H, W) 0..65535 -> 8 bits
             img = Image.fromarray(np.clip(np.round(np.asarray(img) / 257.0), 0, 255).astype(np.uint8), "L")
         return img.convert("RGB")
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"cannot read image {name}: {e} (limit PIL.Image.MAX_IMAGE_PIXELS)") from e
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for broken files
         why = "not an image file" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
@@ -90,7 +98,7 @@ def preprocess(src, train=False, size=224, generator=None, exif=False, name=None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Captions and shard lists.
+# Captions (the shard lists and tar reading live in shards.py).
 
 def pre_caption(caption, max_words=50):
     """The original stage-1 caption clean-up (BLIP `pre_caption`): lowercase, each of .!"()*#:;~ -> space,
@@ -99,69 +107,6 @@ def pre_caption(caption, max_words=50):
     caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
     words = caption.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else caption
-
-
-def braceexpand(pattern):
-    """'a/{000..002}.tar' -> a/000.tar a/001.tar a/002.tar (zero padding from the first number); '{x,y}' too."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-    if r:  # a range, as wide as its first number: {8..10} -> 8 9 10; {000..002} -> 000 001 002
-        items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
-    else:  # a list: {x,y} -> x y
-        items = m.group(1).split(",")
-    expanded = [pattern[:m.start()] + item + pattern[m.end():] for item in items]  # each item in place of {...}
-    return [p for e in expanded for p in braceexpand(e)]  # then the braces left in each, flattened
-
-
-def expand_shards(spec, check=True):
-    """Shard files from brace ranges, globs, lists joined by ',' or '::' (outside braces), or a Python list.
-    check: every file must exist (one error listing the first missing ones)."""
-    out = []
-    for part in (spec if isinstance(spec, (list, tuple)) else [spec]):
-        for piece in re.split(r"::|,(?![^{]*\})", os.fspath(part)):  # at '::', and at ',' outside {...}
-            for p in braceexpand(piece.strip()):
-                if re.search(r"[*?\[]", p):  # a glob
-                    hits = sorted(globlib.glob(p))
-                    if check and not hits:
-                        raise FileNotFoundError(f"no shard matches {p!r}")
-                    out += hits
-                elif check and os.path.isdir(p):
-                    raise FileNotFoundError(f"shards {p!r} is a directory: give its tar files, e.g. "
-                                            f"'{p.rstrip('/')}/*.tar' or '{p.rstrip('/')}/{{00000..N}}.tar'")
-                elif p:
-                    out.append(p)
-    missing = [p for p in out if not os.path.isfile(p)] if check else []
-    if check and (missing or not out):
-        raise FileNotFoundError(f"shards {spec!r}: {len(missing)} of {len(out)} files missing {missing[:3]}")
-    return out
-
-
-def split_shards(shards, rank=0, world_size=1, worker=0, num_workers=1):
-    """The shards of one DataLoader worker: every (world_size * num_workers)-th shard, starting at its global
-    worker id rank * num_workers + worker. Disjoint and complete over all workers of all ranks."""
-    return shards[rank * num_workers + worker::world_size * num_workers]
-
-
-def read_tar(path):
-    """(key, {ext: bytes}) for each sample of an img2dataset/webdataset shard, in file order. The key is the
-    member path up to the first dot of its base name; consecutive members with one key form a sample."""
-    key, rec = None, {}
-    with tarfile.open(path, "r|*") as tar:
-        for m in tar:
-            folder, base = os.path.split(m.name)
-            if not m.isfile() or "." not in base or base.startswith("."):
-                continue
-            k, ext = base.split(".", 1)
-            k = f"{folder}/{k}" if folder else k
-            if k != key and rec:
-                yield key, rec
-                rec = {}
-            key = k
-            rec[ext.lower()] = tar.extractfile(m).read()
-    if rec:
-        yield key, rec
 
 
 def shuffle_buffer(items, size, rng):
@@ -305,7 +250,7 @@ DEFAULT_INSTRUCTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 def load_instructions(src=None):
     """Instructions from a file (one per line) or a list; default the original four alignment prompts."""
     if src is None or isinstance(src, (str, os.PathLike)):
-        with open(DEFAULT_INSTRUCTIONS if src is None else src, encoding="utf-8") as f:
+        with checks.open_file(DEFAULT_INSTRUCTIONS if src is None else src, "r", "instructions", 2**24) as f:
             src = f.read().splitlines()
     out = [s.strip() for s in src if "<ImageHere>" in s]
     if not out:
@@ -319,10 +264,12 @@ class AlignDataset(torch.utils.data.Dataset):
     def __init__(self, root, instructions=None, seed=0, size=224, train=False):
         path = os.path.join(root, "filter_cap.json")
         try:
-            with open(path, encoding="utf-8") as f:
+            with checks.open_file(path, "r", "annotations", 2**30) as f:
                 self.annotations = json.load(f)["annotations"]
             if not (isinstance(self.annotations, list) and all(isinstance(a, dict) for a in self.annotations)):
                 raise TypeError("'annotations' is not a list of objects")
+            for a in self.annotations:  # every image stays inside root/image/
+                checks.inside(os.path.join(root, "image"), f"{a.get('image_id')}.jpg", "image_id")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: expected {{'annotations': [{{'image_id', 'caption'}}, ...]}} "
                              f"({type(e).__name__}: {e})") from e
@@ -370,7 +317,7 @@ def collate(samples):
 def read_captions(path):
     """[(file, caption)] from JSON {file: caption}, [{file, caption}], [[file, caption]], or CSV file,caption."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a leading BOM is dropped
+        with checks.open_file(path, "r", "captions file", 2**30, "utf-8-sig", newline="") as f:  # BOM dropped
             rows = list(csv.DictReader(f)) if str(path).lower().endswith(".csv") else json.load(f)
         rows = list(rows.items()) if isinstance(rows, dict) else rows  # {"file": "caption"} -> pairs
         pairs = []
@@ -386,15 +333,36 @@ def read_captions(path):
 
 
 def pack(images_dir, captions, out_dir, shard_size=1000, resize=None):
-    """Write the shards -> (shard paths, written, skipped); an unreadable image is skipped (a line on stderr)."""
+    """Write the shards -> (shard paths, written, skipped); an unreadable image or an empty caption is skipped
+    (a line on stderr). out_dir must be new or empty: the shards go to a temp folder renamed to out_dir at the
+    end, so a failure leaves no mix of old and new shards (and nothing half written)."""
     if not os.path.isdir(images_dir):
         raise ValueError(f"images folder {images_dir} does not exist or is not a folder")
-    if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    checks.number("--shard-size", shard_size, 1, 10**7, integer=True)
+    if resize is not None:
+        checks.number("--resize", resize, 1, 8192, integer=True)
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise ValueError(f"output folder {out_dir} already exists and is not empty: give a new folder")
+    pairs = read_captions(captions)
+    paths = [checks.inside(images_dir, file, f"captions file {captions}: file") for file, _ in pairs]
+    tmp = tempfile.mkdtemp(prefix=".pack-", dir=os.path.dirname(os.path.abspath(out_dir)))
+    try:
+        n, written, skipped = _pack(pairs, paths, tmp, shard_size, resize)
+        if written:
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty (checked above)
+            os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [os.path.join(out_dir, f"{i:05d}.tar") for i in range(n)], written, skipped
+
+
+def _pack(pairs, paths, out_dir, shard_size, resize):
     shards, tar, written, skipped = [], None, 0, 0
-    for file, caption in read_captions(captions):
-        path = os.path.join(images_dir, file)
+    for (file, caption), path in zip(pairs, paths):
         try:
+            if not caption.strip():
+                raise ImageError(f"{file}: empty caption")
             img = load_image(path)
         except ImageError as e:
             print(f"pack: skipped {e}", file=sys.stderr)
@@ -407,8 +375,7 @@ def pack(images_dir, captions, out_dir, shard_size=1000, resize=None):
             img.save(buf, "JPEG", quality=95)
             blob, ext = buf.getvalue(), "jpg"
         else:  # the original bytes
-            with open(path, "rb") as f:
-                blob = f.read()
+            blob = checks.read_bytes(path, "image", MAX_IMAGE_BYTES)
         if written % shard_size == 0:  # start the next shard
             if tar:
                 tar.close()
@@ -424,11 +391,11 @@ def pack(images_dir, captions, out_dir, shard_size=1000, resize=None):
         written += 1
     if tar:
         tar.close()
-    return shards, written, skipped
+    return len(shards), written, skipped
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="MiniGPT-4 data tools")
+    p = checks.ArgumentParser(description="MiniGPT-4 data tools")  # a bad option: one `error:` line
     pk = p.add_subparsers(dest="cmd", required=True).add_parser("pack", help="images + captions -> tar shards")
     pk.add_argument("images_dir")
     pk.add_argument("captions", help="JSON {file: caption} or [{file, caption}], or CSV with columns file,caption")

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import checks
 from attention import attention
 from checkpoint import CheckpointError, assign, check_complete, json_errors, read_checkpoint
 
@@ -31,13 +32,16 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
 
-    def __post_init__(self):
+    LIMITS = dict(dim=(1, 65536), n_layers=(1, 1024), n_heads=(1, 1024), n_kv_heads=(1, 1024), vocab_size=(1, 2**20),
+                  hidden_dim=(1, 2**18), norm_eps=(0, 1, "open"), rope_theta=(0, 1e12, "open"), max_seq_len=(1, 2**20))
+
+    def __post_init__(self):  # every field's type and range (checks.py), before anything is built
         self.n_kv_heads = self.n_kv_heads or self.n_heads
-        if self.dim % self.n_heads:
-            raise ValueError(f"LlamaConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        checks.check_fields(self, "LlamaConfig", self.LIMITS)
+        checks.divisible("LlamaConfig", "dim", self.dim, "n_heads", self.n_heads)
+        checks.divisible("LlamaConfig", "n_heads", self.n_heads, "n_kv_heads", self.n_kv_heads)
         self.head_dim = self.dim // self.n_heads  # derived, not a field
+        checks.divisible("LlamaConfig", "head_dim", self.head_dim, "2 (RoPE pairs)", 2)
 
     @classmethod
     def from_name(cls, name):
@@ -49,7 +53,7 @@ class LlamaConfig:
     def from_hf(cls, path):
         """HF `config.json` (or the folder holding it) -> LlamaConfig."""
         path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        with json_errors(path), open(path) as f:
+        with json_errors(path), checks.open_file(path, "r", "config", limit=2**20) as f:
             c = json.load(f)
             rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
             if rope.get("rope_type", rope.get("type", "default")) != "default" or c.get("hidden_act", "silu") != "silu":
@@ -64,7 +68,7 @@ class LlamaConfig:
     @classmethod
     def from_meta(cls, path, vocab_size):
         """Meta `params.json` -> LlamaConfig (FFN width by Meta's multiple_of rule; vocab -1 -> vocab_size)."""
-        with json_errors(path), open(path) as f:
+        with json_errors(path), checks.open_file(path, "r", "config", limit=2**20) as f:
             p = json.load(f)
             hidden = int(2 * 4 * p["dim"] / 3)  # Meta's FeedForward: 2/3 of 4 * dim, times a multiplier,
             hidden = int(hidden * (p.get("ffn_dim_multiplier") or 1))
@@ -246,7 +250,10 @@ class Llama(nn.Module):
         ignore = re.compile("|".join(IGNORED_KEYS + (["lm_head.weight"] if cfg.tie_embeddings else [])))
         for key, tensor in items:
             if not ignore.fullmatch(key):
-                assign(model, key, tensor, dtype, device)
+                try:
+                    assign(model, key, tensor, dtype, device)
+                except CheckpointError as e:  # name the folder, as every other loading error does
+                    raise CheckpointError(f"{folder}: {e}") from None
         if cfg.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         check_complete(model, f"checkpoint in {folder}")
@@ -265,8 +272,10 @@ def hf_items(folder):
         raise CheckpointError(f"{folder}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
     if files[0].endswith(".index.json"):
         index = os.path.join(folder, files[0])
-        with json_errors(index), open(index) as fh:
+        with json_errors(index), checks.open_file(index, "r", "index", limit=2**26) as fh:
             files = sorted(set(json.load(fh)["weight_map"].values()))
+            for f in files:
+                checks.inside(folder, f, "shard")  # no absolute name, no ../, no symlink out of the folder
         for f in files:
             if not os.path.isfile(os.path.join(folder, f)):
                 raise CheckpointError(f"shard {f} listed in {index} is missing")

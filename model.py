@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checks
 from checkpoint import CheckpointError, json_errors, read_checkpoint, unwrap
 from generate import beam_search, generate
 from llama import Llama, LlamaConfig, Tokenizer
@@ -138,7 +139,7 @@ def folder_configs(folder):
     path = os.path.join(folder or "", "config.json")
     if not (folder and os.path.isfile(path)):
         return None, None, None
-    with json_errors(path), open(path) as f:
+    with json_errors(path), checks.open_file(path, "r", "config", limit=2**20) as f:
         dims = json.load(f).get("dims")
         if not dims:
             return None, None, None
@@ -150,7 +151,7 @@ def folder_configs(folder):
                            norm_eps=q["layer_norm_eps"], encoder_width=q["encoder_width"],
                            n_queries=q["num_query_token"], cross_attention_freq=q["cross_attention_freq"],
                            cross_attention_layers=tuple(q["cross_attention_layers"]))
-        return vit, qf, dims.get("ln_vision", {}).get("eps", 1e-5)
+        return vit, qf, checks.number("ln_vision.eps", dims.get("ln_vision", {}).get("eps", 1e-5), 0, 1, lo_open=True)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -215,6 +216,9 @@ class MiniGPT4(nn.Module):
             raise CheckpointError(f"{path}: expected exactly the keys {sorted(expected)} (a MiniGPT-4 projection "
                                   f"checkpoint), found {sorted(sd)[:6]}")
         w, b = sd["llama_proj.weight"], sd["llama_proj.bias"]
+        for key, t in sd.items():  # the trained weights: floating point and finite, or refused
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise CheckpointError(f"{path}: {key} must hold finite floating-point values ({t.dtype})")
         out_dim, in_dim = self.llama_proj.weight.shape
         if w.dim() != 2 or w.shape[0] != out_dim or tuple(b.shape) != (w.shape[0],):
             raise CheckpointError(f"{path}: projection outputs {w.shape[0]} but the LLM is {out_dim} wide (7B: 4096, "

@@ -15,11 +15,13 @@ fp32 and each Linear casts its input to its weight dtype, so forward returns fp3
 """
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checks
 from attention import attention
 from checkpoint import CheckpointError, assign, check_complete, from_file, param_dtype, read_checkpoint, unwrap
 from vit import LayerNorm, Linear  # the same fp32-stream building blocks as the ViT
@@ -35,14 +37,21 @@ class QFormerConfig:
     encoder_width: int = 1408          # width of the image tokens (EVA ViT-G)
     n_queries: int = 32
     cross_attention_freq: int = 2
-    cross_attention_layers: tuple = None  # None -> (0, freq, 2 * freq, ...)
+    cross_attention_layers: Optional[tuple] = None  # None -> (0, freq, 2 * freq, ...)
+    LIMITS = dict(hidden_size=(1, 16384), n_layers=(1, 256), n_heads=(1, 1024), intermediate_size=(1, 65536),
+                  norm_eps=(0, 1, "open"), encoder_width=(1, 16384), n_queries=(1, 4096), cross_attention_freq=(1, 256),
+                  cross_attention_layers=(0, 255))
 
-    def __post_init__(self):
-        if self.hidden_size % self.n_heads:
-            raise ValueError(f"Q-Former hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+    def __post_init__(self):  # every field's type and range (checks.py)
+        if isinstance(self.cross_attention_layers, list):
+            self.cross_attention_layers = tuple(self.cross_attention_layers)
+        checks.check_fields(self, "QFormerConfig", self.LIMITS)
+        checks.divisible("QFormerConfig", "hidden_size", self.hidden_size, "n_heads", self.n_heads)
         if self.cross_attention_layers is None:
             self.cross_attention_layers = tuple(range(0, self.n_layers, self.cross_attention_freq))
-        self.cross_attention_layers = tuple(self.cross_attention_layers)
+        if any(i >= self.n_layers for i in self.cross_attention_layers):
+            raise ValueError(f"QFormerConfig: cross_attention_layers {self.cross_attention_layers} must be < "
+                             f"n_layers {self.n_layers}")
 
     @classmethod
     def from_name(cls, name):
@@ -173,7 +182,10 @@ class QFormer(nn.Module):
         Widths, layer count, query count and cross-attention layers always come from the keys and shapes;
         heads and eps from `config` (default QFormerConfig()). Keys matching SKIP are ignored; every other one is used."""
         sd = unwrap(read_checkpoint(path), path)
-        cfg = infer_config(sd, config, path)
+        try:
+            cfg = infer_config(sd, config, path)
+        except ValueError as e:  # a shape outside QFormerConfig's limits
+            raise CheckpointError(f"{path}: {e}") from None
         with torch.device("meta"):
             model = cls(cfg)
         ln_vision = {}

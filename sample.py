@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+import checks
+
 DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
 MODELS = ["vicuna-7b", "vicuna-13b", "llama2-7b", "llama2", "vicuna", "vicuna7b", "vicuna13b"]  # model.py's
 HELP = ("chat: type a question; Ctrl-C stops an answer (the cut answer and its question are dropped: the next "
@@ -44,8 +46,8 @@ class Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with MiniGPT-4 about an image.",
-                                formatter_class=Defaults)
+    p = checks.ArgumentParser(description="Chat with MiniGPT-4 about an image.",  # bad option: one line
+                              formatter_class=Defaults)
     p.add_argument("--image", help="image file (interactive mode: also /image PATH)")
     p.add_argument("--prompt", help="answer this question once and exit (else: interactive chat)")
     p.add_argument("--model", default="vicuna-7b", choices=MODELS, metavar="MODEL",
@@ -75,12 +77,14 @@ def check_args(args):
     from model import ALIASES, MiniGPT4Config
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device}: not a device (cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    checks.device(args.device)  # cpu or an existing cuda[:N], else one line naming --device
+    checks.number("--temperature", args.temperature, *((None, None) if args.greedy else (0, 100)), lo_open=True)
+    checks.number("--length-penalty", args.length_penalty, -100, 100)
+    if args.repetition_penalty is not None:
+        checks.number("--repetition-penalty", args.repetition_penalty, 0, 100, lo_open=True)
+    if args.seed is not None:
+        checks.seed("--seed", args.seed)
+    checks.number("--num-beams", args.num_beams, 1, 64, integer=True)  # each beam holds a KV cache
     for name in ("max_new_tokens", "num_beams", "max_context"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -88,8 +92,6 @@ def check_args(args):
     if args.max_new_tokens >= max_context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be < --max-context {max_context} "
                          "(the answer must fit in the context with the prompt)")
-    if not args.greedy and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 when sampling, got {args.temperature} (or use --greedy)")
     if not args.greedy and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.prompt is not None and not args.prompt.strip():
@@ -185,6 +187,8 @@ def run(args):
         print(chat.answer(), flush=True)
         return 0
     say(HELP)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes reach Chat.ask, which replaces them
     while True:
         line = read_line()
         if line is None or line.strip() == "/quit":

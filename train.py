@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 
+import checks
 import data as D
 import run_dir
 from checkpoint import CheckpointError, read_checkpoint
@@ -84,10 +85,13 @@ CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
                  ckpt_interval=4),
 }
 
-RESUME_MAY_CHANGE = ("stop_step", "log_interval", "ckpt_interval", "device", "out_dir", "resume", "overwrite",
-                     "weights", "vit", "qformer", "llm", "init", "grad_checkpointing", "peak_flops")  # --resume
-MINIMUM = dict(batch_size=1, grad_accum=1, log_interval=1, ckpt_interval=1, iters_per_epoch=1, max_epoch=1,
-               max_txt_len=1, num_workers=0, warmup_steps=0, stop_step=0)
+RESUME_MAY_CHANGE = ("stop_step", "log_interval", "ckpt_interval", "device", "out_dir", "resume",  # --resume:
+                     "overwrite", "weights", "vit", "qformer", "llm", "init", "grad_checkpointing", "peak_flops")  # rest fixed
+LIMITS = dict(stage=(1, 2), max_txt_len=(1, 2**16), num_workers=(0, 256), batch_size=(1, 2**16), grad_accum=(1, 2**16),
+              max_epoch=(1, 10**6), iters_per_epoch=(1, 10**9), warmup_steps=(0, 10**9), warmup_lr=(0, 1), lr=(0, 1, "open"),
+              min_lr=(0, 1), weight_decay=(0, 10), beta1=(0, 0.999999), beta2=(0, 0.999999), grad_clip=(0, 1e6),
+              seed=(0, checks.SEED_MAX - 2**20), log_interval=(1, 10**9), ckpt_interval=(1, 10**9), stop_step=(0, 10**15),
+              peak_flops=(0, 1e20))  # every option's domain (checks.check_fields), also for a resumed config
 BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
 
@@ -118,13 +122,11 @@ def parse_args(argv):
             setattr(cfg, key, BOOLS[value.lower()] if t is bool else t(value))
         except (KeyError, ValueError):
             raise ValueError(f"--{key} expects {t.__name__}, got {value!r}") from None
-    for key, low in MINIMUM.items():
-        if getattr(cfg, key) < low:
-            raise ValueError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
+    checks.check_fields(cfg, "--{}", LIMITS)
     if cfg.dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"--dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
-    if not cfg.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.device:
+        checks.device(cfg.device)  # cpu or an existing cuda[:N], else one line naming --device
     return cfg
 
 
@@ -162,8 +164,7 @@ def save_checkpoint(path, model, optimizer, scaler, cfg, step, losses, data_stat
                 "scaler": scaler.state_dict(), "config": asdict(cfg), "step": step,
                 "epoch": step // cfg.iters_per_epoch, "loss": losses,
                 "rng": [rng for rng, _ in per_rank], "data": [data for _, data in per_rank]}
-        torch.save(ckpt, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        checks.atomic_save(ckpt, path)  # temp + fsync + rename; on failure the last good file stays, one line
         print(f"saved {path} (step {step})")
 
 
@@ -172,20 +173,18 @@ def load_checkpoint(path, model, optimizer, scaler, cfg, rank, world):
     without those keys, one saved by another number of processes, or with a changed option that shapes the
     run (all but RESUME_MAY_CHANGE): one error listing each difference."""
     ck = read_checkpoint(path)  # weights_only; a missing or unreadable file -> CheckpointError naming it
-    missing = [k for k in ("model", "optimizer", "scaler", "config", "step", "rng", "data", "loss")
-               if not isinstance(ck, dict) or k not in ck]
-    if missing:
-        raise CheckpointError(f"{path}: cannot resume, no {', '.join(missing)} (not a train.py checkpoint?)")
+    checks.train_checkpoint(ck, path, optimizer, cfg.max_epoch * cfg.iters_per_epoch, world)  # types, shapes
     changed = [f"--{key} {ck['config'].get(key)!r} -> {new!r}" for key, new in asdict(cfg).items()
                if key not in RESUME_MAY_CHANGE and ck["config"].get(key) != new]
     if changed:
         raise ValueError(f"{path} was saved with other options; resume with the same or start a new out_dir: "
                          + ", ".join(changed))
-    if len(ck["rng"]) != world:
-        raise ValueError(f"{path} was saved by {len(ck['rng'])} processes, resuming with {world}")
     model.load_projection(path)  # exactly llama_proj.{weight,bias}, shapes checked
-    optimizer.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"])
+    try:
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: optimizer or scaler state does not fit: {e}") from None
     torch.set_rng_state(ck["rng"][rank])
     return ck["step"], list(ck["loss"]), ck["data"][rank]
 
@@ -198,9 +197,9 @@ def data_sources(spec):
     found = [re.fullmatch(r"(.+):(\d+(?:\.\d*)?)", p) for p in pieces]
     if not any(found):
         return [(spec, 1.0)]
-    bad = [p for p, m in zip(pieces, found) if not m or float(m.group(2)) <= 0]
+    bad = [p for p, m in zip(pieces, found) if not m or not 0 < float(m.group(2)) < 1e9]
     if bad:
-        raise ValueError(f"--data: mixing datasets needs a positive :RATIO after each one; {bad[0]!r} has none")
+        raise ValueError(f"--data: mixing datasets needs a :RATIO in (0, 1e9) after each one; {bad[0]!r} has none")
     return [(m.group(1), float(m.group(2))) for m in found]
 
 
@@ -351,6 +350,7 @@ def train(cfg, batches=None):
     if batches is None:
         batches = Batches(cfg, rank, world)
     ckpt_path, step, losses = run_dir.prepare(cfg, master), 0, []  # a used out_dir: --resume or --overwrite
+    checks.writable_dir(cfg.out_dir)  # before the first step: a probe file written, fsynced, removed
     if cfg.resume:  # weights, optimizer, scaler, step, RNG and data position of out_dir/ckpt.pth
         step, losses, data_state = load_checkpoint(ckpt_path, model, optimizer, scaler, cfg, rank, world)
         run_dir.trim_log(cfg, step) if master else None  # the log lines past the checkpoint are redone
@@ -418,8 +418,7 @@ def train(cfg, batches=None):
                 rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if master:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as log:
-                    log.write(json.dumps(rec) + "\n")
+                checks.append_line(os.path.join(cfg.out_dir, "log.jsonl"), json.dumps(rec))  # never via a link/FIFO
             interval, logged_step, t0 = dict.fromkeys(names, 0), step, time.time()
         if step % cfg.ckpt_interval == 0 or step == end:
             data_state = batches.state_dict() if isinstance(batches, Batches) else None

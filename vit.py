@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checks
 from attention import attention
 from checkpoint import CheckpointError, assign, check_complete, from_file, param_dtype, read_checkpoint, unwrap
 
@@ -37,9 +38,12 @@ class ViTConfig:
     mlp_hidden: int = 6144
     norm_eps: float = 1e-6
 
-    def __post_init__(self):
-        if self.width % self.n_heads:
-            raise ValueError(f"ViT width {self.width} is not divisible by n_heads {self.n_heads}")
+    LIMITS = dict(img_size=(1, 4096), patch_size=(1, 1024), width=(1, 16384), depth=(1, 256), n_heads=(1, 1024),
+                  mlp_hidden=(1, 65536), norm_eps=(0, 1, "open"))
+
+    def __post_init__(self):  # every field's type and range (checks.py)
+        checks.check_fields(self, "ViTConfig", self.LIMITS)
+        checks.divisible("ViTConfig", "width", self.width, "n_heads", self.n_heads)
 
     @classmethod
     def from_name(cls, name):
@@ -164,7 +168,10 @@ class VisionTransformer(nn.Module):
         config's if given (the file must have at least that many blocks), else the file's block count (a
         40-block EVA-CLIP file keeps 39); extra blocks are dropped with a log line. Every other key must fit."""
         sd = unwrap(read_checkpoint(path), path)
-        cfg, n_blocks = infer_config(sd, config, path)
+        try:
+            cfg, n_blocks = infer_config(sd, config, path)
+        except ValueError as e:  # a shape outside ViTConfig's limits
+            raise CheckpointError(f"{path}: {e}") from None
         if n_blocks > cfg.depth:
             print(f"vit: {path} holds {n_blocks} blocks, using the first {cfg.depth} "
                   f"(dropping blocks {cfg.depth}..{n_blocks - 1})", file=sys.stderr)

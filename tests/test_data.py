@@ -384,7 +384,7 @@ def test_pack_bad_input_one_line_errors(tmp_path, capsys):
     out = tmp_path / "out"
     msg = _pack_error(capsys, tmp_path / "nope", good, out)
     assert "nope" in msg and "does not exist" in msg
-    assert "shard size must be >= 1" in _pack_error(capsys, images, good, out, "--shard-size", "0")
+    assert "--shard-size must be in [1, " in _pack_error(capsys, images, good, out, "--shard-size", "0")
     assert not out.exists()  # nothing created for bad arguments
     (tmp_path / "caps.txt").write_text("a.jpg: A\n")  # not JSON
     (tmp_path / "shape.json").write_text(json.dumps([{"name": "a.jpg"}]))

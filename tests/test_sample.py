@@ -100,8 +100,8 @@ def one_error_line(capsys):
 @pytest.mark.parametrize("args, expect", [
     (["--device", "foo"], "--device foo"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--num-beams", "0"], "--num-beams must be >= 1"),
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--num-beams", "0"], "--num-beams must be in [1, 64]"),
+    (["--temperature", "0"], "--temperature must be in (0, 100]"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--device", "cuda"], "CUDA is not available"),

@@ -307,10 +307,10 @@ def test_input_mistakes_end_in_one_error_line(align, tmp_path, capsys):
              "--stage 2 starts from the stage-1 projection": ["--stage", "2", f"--data={align}"],
              "notes.txt: not a readable PyTorch checkpoint": [f"--data={align}", f"--init={tmp_path / 'notes.txt'}"],
              "missing weights": [f"--data={align}", "--weights=/nonexistent"],
-             "--batch_size must be >= 1, got 0": ["--batch_size=0"],
-             "--log_interval must be >= 1, got 0": ["--log_interval=0"],
-             "--num_workers must be >= 0": ["--num_workers=-1"],
-             "--lr must be > 0": ["--lr=0"],
+             "--batch_size must be in [1, 65536], got 0": ["--batch_size=0"],
+             "--log_interval must be in [1, ": ["--log_interval=0"],
+             "--num_workers must be in [0, 256], got -1": ["--num_workers=-1"],
+             "--lr must be in (0, 1], got 0.0": ["--lr=0"],
              "--data is required": []}
     for message, args in cases.items():
         assert T.main(base + args) == 1, args
