@@ -34,8 +34,7 @@ def prepare(cfg, master=True):
             for p in held:
                 os.remove(p)
             print(f"--overwrite: deleted {', '.join(held)}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    return ckpt
+    return ckpt  # train.py then creates out_dir and proves it writable (checks.writable_dir)
 
 
 def trim_log(cfg, step):
