@@ -13,6 +13,7 @@ categories, `re` runs them at C speed, and tests/test_bpe.py checks the ids agai
 (and the splitter against `regex`). `\\s` is spelled as Unicode's White_Space set, which is what the reference
 (Rust's regex) means by it; Python's `\\s` differs on a few control characters (U+001C..U+001F)."""
 import functools
+import itertools
 import re
 import sys
 import unicodedata
@@ -37,29 +38,29 @@ WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205
 
 
 @functools.lru_cache(maxsize=None)
-def unicode_class(prefix):
-    """A `re` character-class body for every code point whose general category starts with `prefix`."""
-    ranges, start = [], None
-    for cp in range(sys.maxunicode + 2):
-        inside = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith(prefix)
-        if inside and start is None:
-            start = cp
-        elif not inside and start is not None:
-            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
-            start = None
-    return "".join(ranges)
+def unicode_classes():
+    """{"L": ..., "N": ...}: `re` character-class bodies, the code points whose general category is L* / N*."""
+    out = {"L": [], "N": []}
+    runs = itertools.groupby(range(sys.maxunicode + 1), key=lambda cp: unicodedata.category(chr(cp))[0])
+    for major, run in runs:
+        if major in out:
+            first = last = next(run)
+            for last in run:
+                pass
+            out[major].append(re.escape(chr(first)) + ("-" + re.escape(chr(last)) if last > first else ""))
+    return {k: "".join(v) for k, v in out.items()}
 
 
 @functools.lru_cache(maxsize=None)
 def gpt2_split():
     """GPT-2's pre-tokenizer regex, with \\p{L}, \\p{N} and \\s spelled out for `re`."""
-    L, N, S = unicode_class("L"), unicode_class("N"), WHITE_SPACE
+    L, N, S = unicode_classes()["L"], unicode_classes()["N"], WHITE_SPACE
     return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
 
 
 @functools.lru_cache(maxsize=None)
 def digit_split():
-    return re.compile(f"([{unicode_class('N')}])")
+    return re.compile(f"([{unicode_classes()['N']}])")
 
 
 def pre_tokenize(text, digits=True):

@@ -36,7 +36,7 @@ class GGUFFile:
         if not os.path.isfile(self.path):
             raise CheckpointError(f"GGUF file not found: {self.path}")
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        self.pos = 0
+        self.buf, self.pos = memoryview(self.data), 0  # the header is parsed from a plain buffer view (fast)
         try:
             self._parse()
         except (struct.error, IndexError, ValueError, UnicodeDecodeError, OverflowError):
@@ -45,7 +45,7 @@ class GGUFFile:
     def _read(self, fmt, size):
         if self.pos + size > len(self.data):
             raise IndexError
-        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += size
         return value
 
@@ -53,7 +53,7 @@ class GGUFFile:
         n = self._read("<Q", 8)
         if self.pos + n > len(self.data):
             raise IndexError
-        s = bytes(self.data[self.pos:self.pos + n]).decode("utf-8")
+        s = str(self.buf[self.pos:self.pos + n], "utf-8")
         self.pos += n
         return s
 
@@ -68,7 +68,7 @@ class GGUFFile:
                 size = np.dtype(NUMPY[etype]).itemsize * n
                 if self.pos + size > len(self.data):
                     raise IndexError
-                arr = np.frombuffer(self.data, NUMPY[etype], n, self.pos).tolist()
+                arr = np.frombuffer(self.buf, NUMPY[etype], n, self.pos).tolist()
                 self.pos += size
                 return arr
             return [self._value(etype) for _ in range(n)]
