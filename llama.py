@@ -82,6 +82,8 @@ PRESETS = {
     "vicuna-7b": dict(),  # Vicuna v0 keeps LLaMA-7B's shapes (some builds have vocab 32001: from_hf reads it)
     "vicuna-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
     "llama2-7b": dict(norm_eps=1e-5, max_seq_len=4096),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                         norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),  # GGUF
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000, hidden_dim=172),
 }
 

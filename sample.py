@@ -4,11 +4,14 @@ Chat with MiniGPT-4 about an image.
     python sample.py --image cat.jpg                       # interactive: /reset, /image PATH, /quit
     python sample.py --image cat.jpg --prompt "What is in this image?" --greedy
     python sample.py --model llama2 --weights weights/ --image cat.jpg
+    python sample.py --llm weights/smollm2 --prompt "What is the capital of France?" --greedy   # text only
 
 --weights is a folder laid out like the original release (eva_vit_g.pth, blip2_pretrained_flant5xxl.pth,
 prerained_minigpt4_7b.pth / pretrained_minigpt4.pth / pretrained_minigpt4_llama2_7b.pth, and the LLM folder
 vicuna-7b/, vicuna/ or Llama-2-7b-chat-hf/); --vit/--qformer/--llm/--proj override single files. A test
 fixture folder (tests/fixtures/reference/tiny) works too. The answer goes to stdout, logs to stderr.
+Without --image, --prompt (and --model smollm2, which has no vision weights) chat with the LLM alone: only
+--llm is loaded (a GGUF file or folder picks the smollm2 preset: SmolLM2-135M-Instruct, ChatML template).
 
 `Chat` (below) is the original's multi-turn conversation, except that it keeps the LLM's KV cache across
 turns: each follow-up costs only its own tokens instead of re-reading the whole history.
@@ -20,10 +23,20 @@ import time
 
 import torch
 
-from model import ALIASES, FILES, IMAGE, TEMPLATES, MiniGPT4, MiniGPT4Config
+from llama import Llama, find_gguf, load_tokenizer
+from model import ALIASES, FILES, IMAGE, MiniGPT4, MiniGPT4Config
 
 DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
-MODELS = [*FILES["proj"], *ALIASES]  # the presets with release weights, and their aliases
+TEXT_ONLY = {"smollm2": "smollm2"}  # presets without vision weights -> their LLM folder in --weights
+MODELS = [*FILES["proj"], *ALIASES, *TEXT_ONLY]  # the presets with release weights, their aliases, text-only ones
+
+
+class TextModel:
+    """The LLM alone, for a chat without images: MiniGPT4's text-side methods over the LLM and its tokenizer."""
+    embed, generate, clean_answer, pad_id = MiniGPT4.embed, MiniGPT4.generate, MiniGPT4.clean_answer, MiniGPT4.pad_id
+
+    def __init__(self, cfg, llama_model, tokenizer):
+        self.cfg, self.llama_model, self.tokenizer = cfg, llama_model, tokenizer
 
 
 class Chat:
@@ -43,7 +56,7 @@ class Chat:
     where the original re-tokenizes " [/INST] answer" as "▁answer"."""
 
     def __init__(self, model, max_context=None, **opts):
-        self.model, self.t = model, TEMPLATES[model.cfg.variant]
+        self.model, self.t = model, model.cfg.chat_template
         self.max_context = min(max_context or model.cfg.max_context, model.llama_model.cfg.max_seq_len)
         self.opts = opts  # generation defaults (MiniGPT4.generate's keywords)
         self.reset()
@@ -80,7 +93,7 @@ class Chat:
             else:
                 out.append(t.open)
                 if m["ids"] is not None:  # answered: its tokens, then the separator if it did not produce it
-                    out += [list(m["ids"]), "" if t.sep in self.model.tokenizer.decode(m["ids"]) else t.sep]
+                    out += [list(m["ids"]), t.closing(self.model.tokenizer.decode(m["ids"]))]
         merged = []
         for p in out:
             if isinstance(p, str) and merged and isinstance(merged[-1], str):
@@ -156,8 +169,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with MiniGPT-4 about an image.")
     p.add_argument("--image", help="image file (interactive mode: also /image PATH)")
     p.add_argument("--prompt", help="answer this question once and exit (else: interactive chat)")
-    p.add_argument("--model", default="vicuna-7b", choices=MODELS, metavar="MODEL",
-                   help="vicuna-7b, vicuna-13b, llama2-7b (aliases: " + ", ".join(ALIASES) + ")")
+    p.add_argument("--model", choices=MODELS, metavar="MODEL",
+                   help="vicuna-7b (default), vicuna-13b, llama2-7b (aliases: " + ", ".join(ALIASES) + "); smollm2 "
+                        "(text only; the default when --llm is a GGUF file or a folder holding one)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="folder laid out like the original release")
     for part in ("vit", "qformer", "llm", "proj"):
         p.add_argument(f"--{part}", help=f"override the {part} file/folder")
@@ -177,7 +191,13 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every bad option -> one ValueError naming it, before anything slow happens."""
+    """Every bad option -> one ValueError naming it, before anything slow happens. Sets args.model and
+    args.text_only (no --image with --prompt, or a model without vision weights)."""
+    if args.model is None:
+        args.model = "smollm2" if args.llm and find_gguf(args.llm) else "vicuna-7b"
+    args.text_only = args.model in TEXT_ONLY or (args.prompt is not None and not args.image)
+    if args.text_only and args.image:
+        raise ValueError(f"--model {args.model} is text only (no vision weights): drop --image")
     try:
         dev = torch.device(args.device)
     except RuntimeError:
@@ -197,8 +217,6 @@ def check_args(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("empty prompt: give a question with --prompt")
-    if args.prompt is not None and not args.image:
-        raise ValueError("--prompt needs --image")
 
 
 def say(msg):
@@ -217,12 +235,16 @@ def run(args):
         torch.seed()  # a fresh random seed each run, as the original demo
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     t0 = time.time()
-    model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
-                                     dtype=dtype, device=args.device)
-    say(f"loaded {args.model} ({model.cfg.variant}) in {time.time() - t0:.1f}s on {args.device}")
     opts = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=not args.greedy,
                 temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 length_penalty=args.length_penalty)
+    if args.text_only:
+        model, opts["original"] = load_text_model(args, dtype), False  # no [bos] start: the prompt is text
+    else:
+        model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
+                                         dtype=dtype, device=args.device)
+    say(f"loaded {args.model} ({'text only' if args.text_only else model.cfg.variant}) in {time.time() - t0:.1f}s "
+        f"on {args.device}")
     chat = Chat(model, max_context=args.max_context, **opts)
     if image is not None:
         chat.upload_img(image)  # preprocessed at the model's image size
@@ -242,6 +264,9 @@ def run(args):
             continue
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
+            if cmd == "/image" and args.text_only:
+                say("text-only chat: no vision weights loaded")
+                continue
             if cmd == "/image" and arg.strip():
                 path = arg.strip()
             elif cmd == "/reset":
@@ -266,6 +291,16 @@ def run(args):
         streamed = args.num_beams == 1
         text = chat.answer(on_text=(lambda d: print(d, end="", flush=True)) if streamed else None)
         print("" if streamed else text, flush=True)
+
+
+def load_text_model(args, dtype):
+    """--llm (else the text-only preset's folder in --weights) -> TextModel with the preset's template."""
+    preset = ALIASES.get(args.model, args.model)
+    path = args.llm or os.path.join(args.weights, TEXT_ONLY.get(preset) or FILES["llm"][preset][0])
+    llm = Llama.from_pretrained(path, dtype=dtype, device=args.device)
+    cfg = MiniGPT4Config.from_name(preset)
+    cfg.max_context = min(cfg.max_context, llm.cfg.max_seq_len)
+    return TextModel(cfg, llm, load_tokenizer(path))
 
 
 def main(argv=None):

@@ -107,7 +107,7 @@ def test_logits_match_transformers(smollm2, hf_smollm2):
 def test_30_greedy_tokens_match_transformers(smollm2, hf_smollm2):
     from generate import generate
     model, tok = smollm2
-    for prompt in PROMPTS[1:3]:
+    for prompt in PROMPTS[1:2]:
         idx = torch.tensor([tok.encode(prompt)])
         ours = generate(model, idx, max_new_tokens=30).ids[0].tolist()
         ref = hf_smollm2.generate(idx, max_new_tokens=30, min_new_tokens=30, do_sample=False)[0, idx.shape[1]:]
