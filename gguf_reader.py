@@ -6,6 +6,7 @@ Layout (little-endian): "GGUF", u32 version (2 or 3), u64 tensor count, u64 key/
 (string key, u32 value type, value); tensor infos (string name, u32 n_dims, u64 dims innermost first, u32 ggml
 type, u64 offset into the data); padding to `general.alignment` (32); the tensor data."""
 import os
+import re
 import struct
 
 import numpy as np
@@ -22,6 +23,7 @@ NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7
 # ggml tensor types we read: id -> (name, elements per block, bytes per block)
 TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18),
          3: ("Q4_1", 32, 20)}
+TYPES_BY_NAME = {v[0]: v for v in TYPES.values()}
 GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
               15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
               22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M"}
@@ -134,9 +136,6 @@ def dequantize(raw, kind):
     return ((d * q.astype(np.float32)) + m).reshape(-1)
 
 
-TYPES_BY_NAME = {v[0]: v for v in TYPES.values()}
-
-
 # ----------------------------------------------------------------------------------------- to llama.py
 # GGUF name -> ours (per block: blk.{i}.NAME -> model.layers.{i}.NAME)
 GGUF_TO_HF = {
@@ -189,12 +188,11 @@ def gguf_items(path, dtype=torch.float32):
         for name in g.tensors:
             if name in IGNORED:
                 continue
-            block, _, rest = name.partition(".")
-            layer = block == "blk" and rest.partition(".")[0].isdigit()
-            short = rest.partition(".")[2] if layer else name
+            m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)  # blk.{i}.NAME
+            short = m.group(2) if m else name
             if short not in GGUF_TO_HF:
                 raise CheckpointError(f"{g.path}: unexpected tensor {name}")
-            key = f"model.layers.{rest.partition('.')[0]}.{GGUF_TO_HF[short]}" if layer else GGUF_TO_HF[short]
+            key = f"model.layers.{m.group(1)}.{GGUF_TO_HF[short]}" if m else GGUF_TO_HF[short]
             w = g.tensor(name, dtype)
             if short in ("attn_q.weight", "attn_k.weight"):  # llama.cpp's RoPE layout -> HF's
                 w = unpermute_rope(w, cfg.n_heads if short == "attn_q.weight" else cfg.n_kv_heads)
