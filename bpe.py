@@ -11,7 +11,8 @@ lacks. We build them from `unicodedata` once (the categories L* and N*, as chara
 regex with `re`, rather than add the `regex` package as a run-time dependency: the classes are exactly the
 categories, `re` runs them at C speed, and tests/test_bpe.py checks the ids against the reference tokenizer
 (and the splitter against `regex`). `\\s` is spelled as Unicode's White_Space set, which is what the reference
-(Rust's regex) means by it; Python's `\\s` differs on a few control characters (U+001C..U+001F)."""
+(Rust's regex) means by it; Python's `\\s` differs on a few control characters (U+001C..U+001F). One limit:
+characters newer than Python's Unicode database (3.11: Unicode 14) count as unassigned, not as letters."""
 import functools
 import itertools
 import re
