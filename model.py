@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import checks
 from checkpoint import CheckpointError, json_errors, read_checkpoint, unwrap
 from generate import beam_search, generate
-from llama import Llama, LlamaConfig, Tokenizer
+from llama import Llama, LlamaConfig, find_gguf, load_tokenizer
 from qformer import QFormer, QFormerConfig
 from vit import ViTConfig, VisionTransformer
 
@@ -36,13 +36,24 @@ class ChatTemplate:  # conversation.py: prompt = system + sep + (role + message 
     def user_turn(self, text):
         return self.user + text + self.sep
 
+    def closing(self, answer):
+        """What follows an answer's text in the history: the separator, less the part the answer ends with."""
+        if self.sep in answer:
+            return ""
+        return self.sep[max([n for n in range(len(self.sep)) if answer.endswith(self.sep[:n])], default=0):]
+
     def first_turn(self, question):
         """The original's first prompt: system, the image and the question, then the assistant's opening."""
         return self.system + self.sep + self.user_turn(f"<Img>{IMAGE}</Img> {question}") + self.open
 
 
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
 TEMPLATES = {"vicuna0": ChatTemplate(),
-             "llama2": ChatTemplate(sep="", user="<s>[INST] ", assistant=" [/INST] ", open=" [/INST] ")}
+             "llama2": ChatTemplate(sep="", user="<s>[INST] ", assistant=" [/INST] ", open=" [/INST] "),
+             # ChatML (SmolLM2-Instruct's GGUF chat template): <|im_start|>role\ntext<|im_end|>\n per message
+             "chatml": ChatTemplate(system="<|im_start|>system\n" + SMOLLM_SYSTEM, sep="<|im_end|>\n",
+                                    user="<|im_start|>user\n", assistant="<|im_start|>assistant\n",
+                                    open="<|im_start|>assistant\n")}
 
 
 @dataclass
@@ -60,6 +71,11 @@ class MiniGPT4Config:
     repetition_penalty: float = 1.0  # the demo's default (1.05 in the Llama-2 refactor)
     max_context: int = 2000  # chat: history + new tokens before old turns are dropped (capped by the LLM's)
     stop: tuple = ("###",)  # chat: stop strings (the original's ids [835] / [2277, 29937] are "###")
+    template: Optional[str] = None  # chat template (TEMPLATES); None: the variant's
+
+    @property
+    def chat_template(self):
+        return TEMPLATES[self.template or self.variant]
 
     @classmethod
     def from_name(cls, name):
@@ -74,6 +90,7 @@ PRESETS = {
     "llama2-7b": dict(variant="llama2", llm="llama2-7b", qformer=None, prompt_template="[INST] {} [/INST] ",
                       end_sym=("\n", "</s>"), pad_piece="$$", repetition_penalty=1.05),
     "tiny": dict(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny")),  # tests
+    "smollm2": dict(llm="smollm2-135m", template="chatml", stop=("<|im_end|>",)),  # text-only chat (sample.py)
 }
 ALIASES = {"llama2": "llama2-7b", "vicuna": "vicuna-13b", "vicuna7b": "vicuna-7b", "vicuna13b": "vicuna-13b"}
 
@@ -184,9 +201,9 @@ class MiniGPT4(nn.Module):
         cfg = cfg or MiniGPT4Config.from_name(preset)
         paths = find_weights(weights, preset, vit, qformer, llm, proj)
         vit_cfg, qf_cfg, ln_eps = folder_configs(weights)
-        if not os.path.isfile(os.path.join(paths["llm"], "tokenizer.model")):
+        if not find_gguf(paths["llm"]) and not os.path.isfile(os.path.join(paths["llm"], "tokenizer.model")):
             raise MissingWeights(f"missing weights:\n  tokenizer: {paths['llm']}/tokenizer.model  <- {URLS[preset]}")
-        tokenizer = Tokenizer(paths["llm"])
+        tokenizer = load_tokenizer(paths["llm"])
         llama = Llama.from_pretrained(paths["llm"], dtype=dtype, device=device)
         visual = VisionTransformer.from_pretrained(paths["vit"], vit_cfg, dtype=dtype, device=device)
         cfg = replace(cfg, vit=visual.config, ln_vision_eps=ln_eps or cfg.ln_vision_eps,
@@ -352,7 +369,7 @@ class MiniGPT4(nn.Module):
     @torch.no_grad()
     def answer(self, img_embeds, questions, **opts):
         """One-shot, batched: image b (nq, D) + questions[b] -> list of answers (each row stops on its own)."""
-        first_turn = TEMPLATES[self.cfg.variant].first_turn
+        first_turn = self.cfg.chat_template.first_turn
         rows = [self.splice(first_turn(q), [img])[0] for img, q in zip(img_embeds, questions)]
         emb = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T, D), right-padded
         mask = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows], True).to(emb.device)

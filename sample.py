@@ -9,6 +9,8 @@ Chat with MiniGPT-4 about an image.
 prerained_minigpt4_7b.pth / pretrained_minigpt4.pth / pretrained_minigpt4_llama2_7b.pth, and the LLM folder
 vicuna-7b/, vicuna/ or Llama-2-7b-chat-hf/); --vit/--qformer/--llm/--proj override single files. A test
 fixture folder (tests/fixtures/reference/tiny) works too. The answer goes to stdout, logs to stderr.
+Without --image, --prompt (and --model smollm2, which has no vision weights) chat with the LLM alone: only
+--llm is loaded (a GGUF file or folder picks the smollm2 preset: SmolLM2-135M-Instruct, ChatML template).
 
 The conversation itself (with its kept KV cache) is chat.py's `Chat`. torch is imported only when work
 starts, so --help and option mistakes answer at once. Missing weights: the error ends with the fetch.py
@@ -22,7 +24,8 @@ import time
 import checks
 
 DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
-MODELS = ["vicuna-7b", "vicuna-13b", "llama2-7b", "llama2", "vicuna", "vicuna7b", "vicuna13b"]  # model.py's
+TEXT_ONLY = {"smollm2": "smollm2"}  # presets without vision weights -> their LLM folder in --weights
+MODELS = ["vicuna-7b", "vicuna-13b", "llama2-7b", "llama2", "vicuna", "vicuna7b", "vicuna13b", *TEXT_ONLY]
 HELP = ("chat: type a question; Ctrl-C stops an answer (the cut answer and its question are dropped: the next "
         "question continues the conversation before it); /image PATH starts over with another image, /reset, "
         "/help, /quit (or Ctrl-D)")
@@ -50,8 +53,9 @@ def parse_args(argv=None):
                               formatter_class=Defaults)
     p.add_argument("--image", help="image file (interactive mode: also /image PATH)")
     p.add_argument("--prompt", help="answer this question once and exit (else: interactive chat)")
-    p.add_argument("--model", default="vicuna-7b", choices=MODELS, metavar="MODEL",
-                   help="vicuna-7b, vicuna-13b, llama2-7b (aliases: " + ", ".join(MODELS[3:]) + ")")
+    p.add_argument("--model", choices=MODELS, metavar="MODEL",
+                   help="vicuna-7b (default), vicuna-13b, llama2-7b (aliases: " + ", ".join(MODELS[3:7]) + "); "
+                        "smollm2 (text only; the default when --llm is a GGUF file or a folder holding one)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="folder laid out like the original release "
                                                               "(fetch.py --out; env MINIGPT4_WEIGHTS)")
     for part in ("vit", "qformer", "llm", "proj"):
@@ -72,9 +76,16 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every bad option -> one ValueError naming it, before anything slow happens."""
+    """Every bad option -> one ValueError naming it, before anything slow happens. Sets args.model and
+    args.text_only (no --image with --prompt, or a model without vision weights)."""
     import torch
+    from llama import find_gguf
     from model import ALIASES, MiniGPT4Config
+    if args.model is None:
+        args.model = "smollm2" if args.llm and find_gguf(args.llm) else "vicuna-7b"
+    args.text_only = args.model in TEXT_ONLY or (args.prompt is not None and not args.image)
+    if args.text_only and args.image:
+        raise ValueError(f"--model {args.model} is text only (no vision weights): drop --image")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     checks.device(args.device)  # cpu or an existing cuda[:N], else one line naming --device
@@ -96,8 +107,6 @@ def check_args(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("empty prompt: give a question with --prompt")
-    if args.prompt is not None and not args.image:
-        raise ValueError("--prompt needs --image")
 
 
 def say(msg):
@@ -165,20 +174,24 @@ def run(args):
     image = None
     if args.image:
         image = load_image(args.image)  # a bad image fails before the slow load
-    check_weights(args, preset)
+    if not args.text_only:
+        check_weights(args, preset)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     else:
         torch.seed()  # a fresh random seed each run, as the original demo
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     t0 = time.time()
-    model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
-                                     dtype=dtype, device=args.device)
-    say(f"loaded {describe(model)} as {preset} ({model.cfg.variant} prompts) in {time.time() - t0:.1f}s "
-        f"on {args.device}")
     opts = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=not args.greedy,
                 temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 length_penalty=args.length_penalty)
+    if args.text_only:
+        model, opts["original"] = load_text_model(args, dtype), False  # no [bos] start: the prompt is text
+    else:
+        model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
+                                         dtype=dtype, device=args.device)
+    say(f"loaded {describe(model)} as {preset} ({'text only, ' if args.text_only else ''}{model.cfg.variant} "
+        f"prompts) in {time.time() - t0:.1f}s on {args.device}")
     chat = Chat(model, max_context=args.max_context, **opts)
     if image is not None:
         chat.upload_img(image)  # preprocessed at the model's image size
@@ -198,6 +211,9 @@ def run(args):
             continue
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
+            if cmd == "/image" and args.text_only:
+                say("text-only chat: no vision weights loaded")
+                continue
             if cmd == "/image" and arg.strip():
                 path = arg.strip()
             elif cmd == "/reset":
@@ -229,6 +245,19 @@ def run(args):
             say("(stopped: that answer and its question are dropped)")
             continue
         print("" if streamed else text, flush=True)
+
+
+def load_text_model(args, dtype):
+    """--llm (else the text-only preset's folder in --weights) -> chat.TextModel with the preset's template."""
+    from chat import TextModel
+    from llama import Llama, load_tokenizer
+    from model import ALIASES, FILES, MiniGPT4Config
+    preset = ALIASES.get(args.model, args.model)
+    path = args.llm or os.path.join(args.weights, TEXT_ONLY.get(preset) or FILES["llm"][preset][0])
+    llm = Llama.from_pretrained(path, dtype=dtype, device=args.device)
+    cfg = MiniGPT4Config.from_name(preset)
+    cfg.max_context = min(cfg.max_context, llm.cfg.max_seq_len)
+    return TextModel(cfg, llm, load_tokenizer(path))
 
 
 def main(argv=None):

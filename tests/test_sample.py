@@ -273,3 +273,35 @@ def run_script(script, *args):
     p = subprocess.run([sys.executable, "-X", "importtime", script, *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     return p.returncode, p.stdout, "import torch" if "| torch\n" in p.stderr else ""
+
+
+# ------------------------------------------------------------- text-only chat with SmolLM2 (GGUF, ChatML)
+def test_text_only_chat_answers_a_fact(smollm2_gguf, capsys):
+    rc = sample.main(["--llm", smollm2_gguf, "--prompt", "What is the capital of France?", "--greedy",
+                      "--max-new-tokens", "20"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "text only" in err
+    assert "Paris" in out, out
+
+
+def test_chatml_history_equals_the_gguf_chat_template(smollm2_gguf):
+    """Two turns through Chat.items (the answer as generated ids, ending in <|im_end|>) == the file's own
+    Jinja chat template rendered with add_generation_prompt."""
+    from types import SimpleNamespace
+    import jinja2
+    from gguf_reader import GGUFFile
+    from llama import load_tokenizer
+    from chat import TextModel
+    from model import MiniGPT4Config
+    tok = load_tokenizer(smollm2_gguf)
+    llm = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=8192))
+    chat = sample.Chat(TextModel(MiniGPT4Config.from_name("smollm2"), llm, tok))
+    chat.ask("Hi!")
+    chat.messages.append(dict(role="assistant", text="Hello.", images=[], ids=tok.encode("Hello.<|im_end|>")))
+    chat.ask("Name a color.")
+    chat.messages.append(dict(role="assistant", text=None, images=[], ids=None))
+    ours = "".join(p if isinstance(p, str) else tok.decode(p) for p in chat.items())
+    template = jinja2.Template(GGUFFile(smollm2_gguf).kv["tokenizer.chat_template"])
+    messages = [dict(role="user", content="Hi!"), dict(role="assistant", content="Hello."),
+                dict(role="user", content="Name a color.")]
+    assert ours == template.render(messages=messages, add_generation_prompt=True)
