@@ -53,12 +53,15 @@ def ask(model, images, questions, max_new_tokens, batch_size=8):
 
 
 def read_items(path, keys):
-    """A JSON list of objects each holding `keys`; image paths made relative to the file's folder."""
+    """A JSON list of objects each holding `keys`; image paths made relative to the file's folder. The shapes
+    world's eval.json ({"questions": [...], "images": [...]}) gives its questions (vqa) or images (chair)."""
     try:
         with open(path) as f:
             items = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--data {path}: not a readable JSON file ({e})") from None
+    if isinstance(items, dict):  # shapes.py's eval.json
+        items = items.get("questions" if "question" in keys else "images")
     if not isinstance(items, list) or not items:
         raise ValueError(f"--data {path}: expected a non-empty JSON list of objects")
     root = os.path.dirname(os.path.abspath(path))
@@ -133,7 +136,8 @@ def run_chair(args, model):
     vocab, res, rows = M.load_vocab(args.vocab), {}, []
     for name, prompt in (("long", LONG), ("short", SHORT)):
         caps = ask(model, [it["image"] for it in items], [prompt] * len(items), args.max_new_tokens, args.batch_size)
-        r = M.chair(caps, [it["objects"] for it in items], vocab)
+        truth = [[o if isinstance(o, str) else " ".join(map(str, o.values())) for o in it["objects"]] for it in items]
+        r = M.chair(caps, truth, vocab)  # an object as a dict (shapes world: shape, colour, ...): its words
         r["captions"] = caps
         res[name] = r
         rows.append([name, r["n"], r["chair_i"], r["chair_s"], r["avg_len"]])

@@ -179,6 +179,20 @@ def test_coverage_command_with_stub_and_local_judge(tiny, tmp_path, stub):
     assert res["n"] == 2 and res["success_rate"] == M.coverage([it["covered"] for it in res["items"]])["success_rate"]
 
 
+def test_shapes_eval_json_layout(tiny, tmp_path):
+    """shapes.py's eval.json: {"images": [{image, objects: [{shape, colour, size, place}]}], "questions": [...]}."""
+    shapes = {"images": [{"image": "cat.jpg", "objects": [{"shape": "circle", "colour": "red", "size": "small",
+                                                            "place": "top left"}], "background": "white"}],
+              "questions": [{"image": "cat.jpg", "type": "colour", "question": "What colour is the circle?",
+                             "answer": "red"}]}
+    data = write(tmp_path, [])
+    (tmp_path / "data.json").write_text(json.dumps(shapes))
+    res, _ = E.evaluate(args(tmp_path, "vqa", "--data", data), tiny)
+    assert res["n"] == 1 and list(res["per_type"]) == ["colour"]
+    res, _ = E.evaluate(args(tmp_path, "chair", "--data", data, "--vocab", "shapes"), tiny)
+    assert res["long"]["n"] == 1
+
+
 @pytest.mark.parametrize("page", ["tasks.md", "tasks.html"])
 def test_advanced_page(tiny, tmp_path, page):
     folder = tmp_path / "imgs"
