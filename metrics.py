@@ -19,7 +19,7 @@ CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": 
                 "im": "i'm", "ive": "i've", "youre": "you're", "theyre": "they're", "thats": "that's",
                 "whats": "what's", "its": "it's", "lets": "let's"}
 PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit (3.5 stays, "2." -> "2"), as the official code
 COMMA_IN_NUMBER = re.compile(r"(\d),(\d)")
 
 

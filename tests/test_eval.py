@@ -17,7 +17,7 @@ TINY = REFERENCE_DIRS[0]
 @pytest.mark.parametrize("raw,norm", [
     ("Yes", "yes"), ("yes.", "yes"), ("The Two dogs!", "2 dogs"), ("an apple", "apple"), ("none", "0"),
     ("1,000", "1000"), ("3.5", "3.5"), ("dont", "don't"), ("t-shirt", "t shirt"), ("  Red \n", "red"),
-    ("ten", "10"), ("left - top", "left top")])
+    ("ten", "10"), ("left - top", "left top"), ("2.", "2"), ("Mr. Smith", "mr smith")])
 def test_vqa_normalisation(raw, norm):
     assert M.normalize_answer(raw) == norm
 
@@ -191,6 +191,13 @@ def test_shapes_eval_json_layout(tiny, tmp_path):
     assert res["n"] == 1 and list(res["per_type"]) == ["colour"]
     res, _ = E.evaluate(args(tmp_path, "chair", "--data", data, "--vocab", "shapes"), tiny)
     assert res["long"]["n"] == 1
+
+
+def test_local_judge_from_an_llm_folder(tmp_path):
+    """--judge-llm: the project's LLM loading; greedy, so the same prompt gets the same reply."""
+    judge = E.make_judge(E.parse_args(["coverage", "--data", "x.json", "--judge-llm", str(TINY / "llama")]), None)
+    prompt = M.COVERAGE_PROMPT.format(reference="a cat", generated="a cat on a mat")
+    assert isinstance(judge(prompt), str) and judge(prompt) == judge(prompt)
 
 
 @pytest.mark.parametrize("page", ["tasks.md", "tasks.html"])
