@@ -221,7 +221,8 @@ class MiniGPT4(nn.Module):
         against the checkpoint's record (None: as recorded)."""
         preset = ALIASES.get(model, model)
         cfg = cfg or MiniGPT4Config.from_name(preset)
-        trained = {**ABLATION, **recorded_ablation(proj)} if proj not in (None, False) else None  # a file given
+        given = proj not in (None, False) and os.path.isfile(proj)  # (a missing file: find_weights lists it)
+        trained = {**ABLATION, **recorded_ablation(proj)} if given else None
         asked = {**(trained or ABLATION), **(ablation or {})}
         if trained and trained != asked:
             raise CheckpointError(f"{proj} was trained with {trained}, not {asked}: give the switches it was "
