@@ -50,7 +50,7 @@ class Chat:
         if not torch.is_tensor(image):
             image = preprocess(image, size=self.model.cfg.vit.img_size)
         if image.dim() == 3 and image.shape[0] == 3:
-            w = self.model.llama_proj.weight
+            w = next(self.model.llama_proj.parameters())
             with torch.no_grad():
                 image = self.model.encode_img(image[None].to(w.device, w.dtype))[0][0]  # (nq, D)
         self.messages.append(dict(role="user", text=f"<Img>{IMAGE}</Img>", images=[image], ids=None))

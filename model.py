@@ -3,6 +3,8 @@ its 32 query outputs into the word-embedding space of a frozen LLM (Vicuna v0), 
 <ImageHere>][32 image embeddings][prompt after][text]. The Llama-2 variant has no Q-Former: it drops the CLS
 token and feeds groups of 4 consecutive patch tokens (256 -> 64 embeddings). Attribute names follow the
 original, so a projection checkpoint {"model": {"llama_proj.weight", "llama_proj.bias"}} loads in both.
+The paper's Table 5 ablations are switches here (ABLATION): no Q-Former on the Vicuna side (the llama2 path),
+three projection layers, the Q-Former trained too; a train.py checkpoint records its switches.
 Also here: the original's training loss; decoding is in generate.py, the multi-turn `Chat` in sample.py."""
 import json
 import os
@@ -72,6 +74,8 @@ class MiniGPT4Config:
     max_context: int = 2000  # chat: history + new tokens before old turns are dropped (capped by the LLM's)
     stop: tuple = ("###",)  # chat: stop strings (the original's ids [835] / [2277, 29937] are "###")
     template: Optional[str] = None  # chat template (TEMPLATES); None: the variant's
+    proj_layers: int = 1  # Table 5 "+ 3 layers": Linear-GELU-Linear-GELU-Linear (the LLM's width inside)
+    train_qformer: bool = False  # Table 5 "+ finetune Q-Former": its parameters are trained with llama_proj
 
     @property
     def chat_template(self):
@@ -93,6 +97,37 @@ PRESETS = {
     "smollm2": dict(llm="smollm2-135m", template="chatml", stop=("<|im_end|>",)),  # text-only chat (sample.py)
 }
 ALIASES = {"llama2": "llama2-7b", "vicuna": "vicuna-13b", "vicuna7b": "vicuna-7b", "vicuna13b": "vicuna-13b"}
+ABLATION = dict(no_qformer=False, proj_layers=1, train_qformer=False)  # Table 5's switches; these: the paper's model
+
+
+def ablate(cfg, no_qformer=False, proj_layers=1, train_qformer=False):
+    """A Table 5 variant of cfg. no_qformer: ViT tokens, CLS dropped, 4 grouped, straight to the projection (the
+    llama2 path) with the Vicuna template; proj_layers 3; train_qformer: the Q-Former's weights trained too."""
+    if no_qformer and train_qformer:
+        raise ValueError("--train_qformer needs a Q-Former: not with --no_qformer")
+    if proj_layers < 1:
+        raise ValueError(f"--proj_layers must be >= 1, got {proj_layers}")
+    return replace(cfg, qformer=None if no_qformer else cfg.qformer, proj_layers=proj_layers,
+                   train_qformer=train_qformer)
+
+
+def recorded_ablation(path):
+    """The switches a train.py checkpoint records under "ablation" ({} for the original's files)."""
+    ck = read_checkpoint(path)
+    rec = ck.get("ablation", {}) if isinstance(ck, dict) else {}
+    if not isinstance(rec, dict) or set(rec) - set(ABLATION):
+        raise CheckpointError(f"{path}: unreadable \"ablation\" record {rec!r}")
+    return rec
+
+
+def projection(in_dim, dim, layers=1):
+    """llama_proj: one Linear (the paper), or Linear-GELU-Linear-...-Linear (Table 5's "3 layers")."""
+    if layers == 1:
+        return nn.Linear(in_dim, dim)
+    mods = [nn.Linear(in_dim, dim)]
+    for _ in range(layers - 1):
+        mods += [nn.GELU(), nn.Linear(dim, dim)]
+    return nn.Sequential(*mods)
 
 # --------------------------------------------------------------------------------------- weights on disk
 LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
@@ -135,6 +170,8 @@ def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
         del parts["qformer"]
     if proj is False:
         del parts["proj"]
+    if qformer is False:  # the no_qformer ablation
+        parts.pop("qformer", None)
     paths, missing = dict(qformer=None, proj=None), []
     for part, override in parts.items():
         names = FILES[part] if isinstance(FILES[part], list) else FILES[part][preset]
@@ -178,28 +215,38 @@ class MiniGPT4(nn.Module):
         self.cfg = cfg
         self.visual_encoder = VisionTransformer(cfg.vit) if visual_encoder is None else visual_encoder
         self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)  # llama2: weight 1, bias 0
-        if cfg.variant == "vicuna0":
+        if cfg.qformer is not None:  # None: llama2, or the no_qformer ablation
             self.Qformer = QFormer(cfg.qformer) if Qformer is None else Qformer
             in_dim = self.Qformer.config.hidden_size
         else:
             self.Qformer = None
             in_dim = cfg.vit.width * cfg.group
         self.llama_model = Llama(LlamaConfig.from_name(cfg.llm)) if llama_model is None else llama_model
-        self.llama_proj = nn.Linear(in_dim, self.llama_model.cfg.dim)  # the only trained parameters
+        self.llama_proj = projection(in_dim, self.llama_model.cfg.dim, cfg.proj_layers)  # the trained parameters
         self.tokenizer = tokenizer
+        trained = ("llama_proj.", "Qformer.") if cfg.train_qformer else ("llama_proj.",)
         for name, p in self.named_parameters():
-            p.requires_grad_(name.startswith("llama_proj."))
+            p.requires_grad_(name.startswith(trained))
         self.eval()
 
     @classmethod
     def from_pretrained(cls, weights=None, model="vicuna-7b", vit=None, qformer=None, llm=None, proj=None,
-                        dtype=torch.float32, device="cpu", cfg=None):
+                        dtype=torch.float32, device="cpu", cfg=None, ablation=None):
         """Load a weights folder laid out like the original release (or a test fixture), with per-file overrides;
-        dimensions come from the files. proj: None = the projection file in `weights`, a path = that file, False =
-        a fresh fp32 projection (nn.Linear's default init from the current torch seed: stage-1 training)."""
+        dimensions come from the files. proj: None = the projection file in `weights`, a path = that file (a
+        train.py checkpoint: its recorded Table 5 switches apply), False = a fresh fp32 projection (nn.Linear's
+        default init from the current torch seed: stage-1 training). ablation: ABLATION's switches, checked
+        against the checkpoint's record (None: as recorded)."""
         preset = ALIASES.get(model, model)
         cfg = cfg or MiniGPT4Config.from_name(preset)
-        paths = find_weights(weights, preset, vit, qformer, llm, proj)
+        given = proj not in (None, False) and os.path.isfile(proj)  # (a missing file: find_weights lists it)
+        trained = {**ABLATION, **recorded_ablation(proj)} if given else None
+        asked = {**(trained or ABLATION), **(ablation or {})}
+        if trained and trained != asked:
+            raise CheckpointError(f"{proj} was trained with {trained}, not {asked}: give the switches it was "
+                                  "trained with")
+        cfg = ablate(cfg, **asked)
+        paths = find_weights(weights, preset, vit, False if asked["no_qformer"] else qformer, llm, proj)
         vit_cfg, qf_cfg, ln_eps = folder_configs(weights)
         if not find_gguf(paths["llm"]) and not os.path.isfile(os.path.join(paths["llm"], "tokenizer.model")):
             raise MissingWeights(f"missing weights:\n  tokenizer: {paths['llm']}/tokenizer.model  <- {URLS[preset]}")
@@ -209,45 +256,62 @@ class MiniGPT4(nn.Module):
         cfg = replace(cfg, vit=visual.config, ln_vision_eps=ln_eps or cfg.ln_vision_eps,
                       max_context=min(cfg.max_context, llama.cfg.max_seq_len))
         qf, ln_state = None, None
-        if cfg.variant == "vicuna0":
+        if cfg.qformer is not None:
             qf, ln_state = QFormer.from_pretrained(paths["qformer"], qf_cfg, dtype=dtype, device=device)
             cfg = replace(cfg, qformer=qf.config)
         with torch.device(device):
             m = cls(cfg, visual, qf, llama, tokenizer)  # llama_proj: nn.Linear's default init, fp32
-        if ln_state is not None:  # llama2: not loaded from anything (the original never does)
+        if ln_state is not None:  # llama2 (and no_qformer): not loaded from anything (the original never does)
             m.ln_vision.load_state_dict(ln_state)
         if proj is not False:
             m.load_projection(paths["proj"])
         return m.eval()
 
     # -------------------------------------------------------------------------------- the trained part
+    @property
+    def ablation(self):
+        """This model's Table 5 switches (what a train.py checkpoint records)."""
+        return dict(no_qformer=self.Qformer is None and self.cfg.variant == "vicuna0",
+                    proj_layers=self.cfg.proj_layers, train_qformer=self.cfg.train_qformer)
+
     def trainable_state_dict(self):
-        """What training saves as {"model": this, ...}: llama_proj.weight/bias in fp32 (the original's layout)."""
-        sd = self.llama_proj.state_dict(prefix="llama_proj.")
-        return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+        """What training saves as {"model": this, ...}: llama_proj.weight/bias in fp32 (the original's layout);
+        the ablations: llama_proj.{0,2,4}.* (3 layers), Qformer.* (finetuned Q-Former)."""
+        return {k: p.detach().float().cpu().clone() for k, p in self.named_parameters() if p.requires_grad}
+
+    def reset_projection(self):
+        """A fresh projection: nn.Linear's default init, from the current torch seed."""
+        for m in self.llama_proj.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
 
     def load_projection(self, path):
+        """The trained parameters (llama_proj, + Qformer with train_qformer) from a checkpoint; keys and shapes checked."""
         sd = unwrap(read_checkpoint(path), path)
-        expected = {"llama_proj.weight", "llama_proj.bias"}
-        if set(sd) != expected:
-            raise CheckpointError(f"{path}: expected exactly the keys {sorted(expected)} (a MiniGPT-4 projection "
-                                  f"checkpoint), found {sorted(sd)[:6]}")
-        w, b = sd["llama_proj.weight"], sd["llama_proj.bias"]
-        for key, t in sd.items():  # the trained weights: floating point and finite, or refused
+        params = {k: p for k, p in self.named_parameters() if p.requires_grad}
+        if set(sd) != set(params):
+            raise CheckpointError(f"{path}: expected exactly the keys {sorted(params)[:6]} (a MiniGPT-4 projection "
+                                  f"checkpoint{'' if len(params) == 2 else ' of this ablation'}), found {sorted(sd)[:6]}")
+        for k, t in sd.items():  # the trained weights: floating point and finite, or refused
             if not t.is_floating_point() or not torch.isfinite(t).all():
-                raise CheckpointError(f"{path}: {key} must hold finite floating-point values ({t.dtype})")
-        out_dim, in_dim = self.llama_proj.weight.shape
+                raise CheckpointError(f"{path}: {k} must hold finite floating-point values ({t.dtype})")
+        first = next(m for m in self.llama_proj.modules() if isinstance(m, nn.Linear))
+        key = "llama_proj.weight" if first is self.llama_proj else "llama_proj.0.weight"
+        w, b, (out_dim, in_dim) = sd[key], sd[key[:-6] + "bias"], first.weight.shape
         if w.dim() != 2 or w.shape[0] != out_dim or tuple(b.shape) != (w.shape[0],):
             raise CheckpointError(f"{path}: projection outputs {w.shape[0]} but the LLM is {out_dim} wide (7B: 4096, "
                                   "13B: 5120): use the projection trained for this LLM")
         if w.shape[1] != in_dim:
             hint = ("a Vicuna (Q-Former) projection" if self.Qformer is None
-                    else "a Llama-2 (4 grouped ViT tokens) projection")
+                    else "a Llama-2 / no_qformer (4 grouped ViT tokens) projection")
             raise CheckpointError(f"{path}: projection takes {w.shape[1]}-wide inputs ({hint}?) but "
                                   f"the {self.cfg.variant} variant feeds it {in_dim}")
+        for k, p in params.items():
+            if sd[k].shape != p.shape:
+                raise CheckpointError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the model {tuple(p.shape)}")
         with torch.no_grad():
-            self.llama_proj.weight.copy_(w)
-            self.llama_proj.bias.copy_(b)
+            for k, p in params.items():
+                p.copy_(sd[k])
 
     # ---------------------------------------------------------------------------------------- image side
     def encode_img(self, pixels):
@@ -256,12 +320,12 @@ class MiniGPT4(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             x = self.visual_encoder(pixels)  # (B, 1 + N, W)
             x = self.ln_vision(x.float()).to(x.dtype)  # ln_vision (kept fp32) in fp32, cast back
-            if self.Qformer is not None:
-                x = self.Qformer(x)  # (B, nq, H)
-            else:
-                B, N, W = x[:, 1:].shape  # drop CLS; 4 consecutive patch tokens -> one (row-major)
-                x = x[:, 1:].reshape(B, N // self.cfg.group, W * self.cfg.group)  # (B, N/4, 4W)
-        x = self.llama_proj(x.to(self.llama_proj.weight.dtype))  # (B, nq, D)
+        if self.Qformer is not None:  # a graph only where its parameters are trained (train_qformer)
+            x = self.Qformer(x)  # (B, nq, H)
+        else:
+            B, N, W = x[:, 1:].shape  # drop CLS; 4 consecutive patch tokens -> one (row-major)
+            x = x[:, 1:].reshape(B, N // self.cfg.group, W * self.cfg.group)  # (B, N/4, 4W)
+        x = self.llama_proj(x.to(next(self.llama_proj.parameters()).dtype))  # (B, nq, D)
         emb = x.to(self.llama_model.lm_head.weight.dtype)
         return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
 

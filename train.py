@@ -28,10 +28,9 @@ import checks
 import data as D
 import run_dir
 from checkpoint import CheckpointError, read_checkpoint
+from flops import device_peaks, train_flops  # MFU (bench.py imports them from here too)
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "reference", "tiny")
-PEAKS = [  # (part of the GPU name, bf16 dense TFLOP/s, memory TB/s), for MFU; the first match wins
-    ("H100 PCIe", 756, 2.0), ("H100 NVL", 835, 3.9), ("H200", 989, 4.8), ("H100", 989, 3.35), ("A100", 312, None)]
 
 
 @dataclass
@@ -43,6 +42,9 @@ class TrainConfig:
     qformer: str = ""
     llm: str = ""
     init: str = ""                  # projection to start from (stage 2: the stage-1 ckpt.pth); "" = random
+    no_qformer: bool = False        # Table 5 ablations (model.ablate): ViT tokens straight to the projection,
+    proj_layers: int = 1            # Linear-GELU-Linear-GELU-Linear with 3,
+    train_qformer: bool = False     # the Q-Former trained with the projection
     # data: stage 1 tar shards (brace ranges, globs, ','-lists), stage 2 cc_sbu_align/; 'A:3,B:1' mixes per batch
     data: str = ""
     max_txt_len: int = 32
@@ -160,7 +162,7 @@ def save_checkpoint(path, model, optimizer, scaler, cfg, step, losses, data_stat
         per_rank = [None] * world
         dist.all_gather_object(per_rank, (torch.get_rng_state(), data_state))
     if rank == 0:
-        ckpt = {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+        ckpt = {"model": model.trainable_state_dict(), "ablation": model.ablation, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "config": asdict(cfg), "step": step,
                 "epoch": step // cfg.iters_per_epoch, "loss": losses,
                 "rng": [rng for rng, _ in per_rank], "data": [data for _, data in per_rank]}
@@ -290,41 +292,17 @@ def build_model(cfg, device=None):
     from model import MiniGPT4
     device = torch.device(device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype)
+    ablation = dict(no_qformer=cfg.no_qformer, proj_layers=cfg.proj_layers, train_qformer=cfg.train_qformer)
     model = MiniGPT4.from_pretrained(cfg.weights, cfg.model, vit=cfg.vit or None, qformer=cfg.qformer or None,
-                                     llm=cfg.llm or None, proj=cfg.init or False, dtype=dtype, device=device)
-    model.llama_proj.float()
+                                     llm=cfg.llm or None, proj=cfg.init or False, dtype=dtype, device=device,
+                                     ablation=ablation)
+    for p in model.parameters():  # fp32 master weights: llama_proj (+ the Q-Former with --train_qformer)
+        p.data = p.data.float() if p.requires_grad else p.data
     if not cfg.init:  # proj=False: a fresh projection; re-drawn from cfg.seed, identical on every rank
         torch.manual_seed(cfg.seed)
-        model.llama_proj.reset_parameters()
+        model.reset_projection()
     model.llama_model.gradient_checkpointing = cfg.grad_checkpointing
     return model.eval()  # the frozen parts run in eval mode, as in the original; llama_proj has no dropout
-
-
-def train_flops(vit, qf, llm, T, group=4, targets=None):
-    """FLOPs of one training sample by part (T: LLM tokens with padding; qf None: llama2). Matmul (m,k)x(k,n):
-    2mkn; attention 4*Lq*Lk*D per head, causal counted in full. Frozen parts: forward only. llama_proj: forward
-    + weight grad. LLM backward: activation grads only (matmuls once more, attention 8*T^2*D per layer)."""
-    N, W = vit.grid ** 2 + 1, vit.width  # 257 image tokens
-    vit_f = vit.depth * (2 * N * (4 * W * W + 2 * W * vit.mlp_hidden) + 4 * N * N * W) \
-        + 2 * (N - 1) * 3 * vit.patch_size ** 2 * W  # blocks (qkv 3W^2 + proj W^2, MLP) + patch embedding
-    if qf is None:
-        nq, H, qf_f = (N - 1) // group, W * group, 0
-    else:
-        nq, H = qf.n_queries, qf.hidden_size
-        qf_f = qf.n_layers * (2 * nq * 4 * H * H + 4 * nq * nq * H + 2 * nq * 2 * H * qf.intermediate_size)
-        qf_f += len(qf.cross_attention_layers) * (2 * nq * 2 * H * H + 2 * N * 2 * qf.encoder_width * H + 4 * nq * N * H)
-    kv = llm.n_kv_heads * llm.head_dim
-    mm = llm.n_layers * (llm.dim * (2 * llm.dim + 2 * kv) + 3 * llm.dim * llm.hidden_dim)
-    att = llm.n_layers * T * T * llm.dim
-    head = 2 * (T if targets is None else targets) * llm.dim * llm.vocab_size  # LM head: target positions (None: all T)
-    return dict(vit=vit_f, qformer=qf_f, proj=4 * nq * H * llm.dim, llm_fwd=2 * T * mm + 4 * att + head,
-                llm_bwd=2 * T * mm + 8 * att + head)
-
-
-def device_peaks(name, tflops=None, tbps=None):
-    """(peak bf16 dense TFLOP/s, peak memory TB/s) of a GPU by name; the arguments win; None = unknown."""
-    row = next((r for r in PEAKS if r[0].lower() in name.lower()), (None, None, None))
-    return tflops or row[1], tbps or row[2]
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -359,7 +337,8 @@ def train(cfg, batches=None):
     end = min(cfg.stop_step or cfg.max_epoch * cfg.iters_per_epoch, cfg.max_epoch * cfg.iters_per_epoch)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = cfg.peak_flops or 1e12 * (device_peaks(gpu)[0] or 0)  # one GPU's bf16 FLOP/s (0: no MFU)
-    parts = (model.cfg.vit, model.cfg.qformer, model.llama_model.cfg)  # qformer None: llama2
+    parts = (model.cfg.vit, model.cfg.qformer, model.llama_model.cfg)  # qformer None: llama2 / no_qformer
+    trained = [p for p in model.parameters() if p.requires_grad]
     names = ("loss", "samples", "tokens", "flops", "skipped")  # what the log sums, over micro-steps and ranks
     interval, logged_step, t0, skipped = dict.fromkeys(names, 0), step, time.time(), 0  # this log interval
     if master:
@@ -381,10 +360,10 @@ def train(cfg, batches=None):
             sums["loss"] += loss.item() / cfg.grad_accum
             sums["samples"] += B
             sums["tokens"] += mask.sum().item()  # real (not padding) LLM tokens
-            sums["flops"] += B * sum(train_flops(*parts, T, model.cfg.group, targets=targets / B).values())
+            sums["flops"] += B * sum(train_flops(*parts, T, model.cfg.group, targets / B, **model.ablation).values())
             sums["skipped"] += batch["skipped"]
-        if world > 1:  # data parallel: average llama_proj's gradients (the only trained weights) over the ranks
-            for p in model.llama_proj.parameters():
+        if world > 1:  # data parallel: average the trained weights' gradients over the ranks
+            for p in trained:
                 dist.all_reduce(p.grad)
                 p.grad /= world
             total = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
@@ -397,7 +376,7 @@ def train(cfg, batches=None):
                                      f"the weights; {last}. Try a lower lr, or --dtype=bfloat16 rather than float16")
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.llama_proj.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -86,6 +86,30 @@ def test_train_flops_match_flop_counter(tiny, monkeypatch):
     assert fc.get_total_flops() == B * (parts["vit"] + parts["qformer"] + proj_fwd)
 
 
+@pytest.mark.parametrize("ablation", [dict(no_qformer=True), dict(proj_layers=3), dict(train_qformer=True),
+                                      dict(proj_layers=3, train_qformer=True)], ids=str)
+def test_train_flops_of_the_ablations_match_flop_counter(ablation, monkeypatch):
+    """Table 5's variants: the same count as FlopCounterMode on a real step, backward included (3-layer
+    projection: grads between its layers; trained Q-Former: its forward, activation and weight grads)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import llama
+    import qformer
+    import vit
+    from model import MiniGPT4Config, ablate
+    for mod in (vit, qformer, llama):
+        monkeypatch.setattr(mod, "attention", naive_attention)
+    m = bench.build_ours(ablate(MiniGPT4Config.from_name("tiny"), **ablation), torch.device("cpu"), torch.float32)
+    B, texts = 2, ["a photo of a cat", "a dog"]
+    pixels = torch.randn(B, 3, m.cfg.vit.img_size, m.cfg.vit.img_size)
+    with FlopCounterMode(display=False) as fc:
+        m(pixels, texts, max_txt_len=32).backward()
+    with torch.no_grad():
+        _, mask, labels = m.build_inputs(m.encode_img(pixels)[0], texts, max_txt_len=32)
+    T, targets = mask.shape[1], int((labels[:, 1:] != -100).sum())
+    parts = train_flops(m.cfg.vit, m.cfg.qformer, m.llama_model.cfg, T, m.cfg.group, targets / B, **m.ablation)
+    assert B * sum(parts.values()) == fc.get_total_flops(), parts
+
+
 def test_train_flops_7b_magnitude():
     """Sanity of the real-size numbers: the LLM matmul part is 2 * (params without the embedding) per token."""
     from llama import Llama, LlamaConfig

@@ -289,3 +289,74 @@ def test_lm_loss_runs_the_lm_head_at_targets_only(model, ref_dir, ref_config):
     assert_close(logits, full[:, :-1][target], "target logits")
     expect = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     assert_close(loss, expect, "loss")
+
+
+# ------------------------------------------------------------------------------------- Table 5's ablations
+ABLATIONS = {  # switches -> the parameters that must be trained (prefixes)
+    "paper": (dict(), ("llama_proj.weight", "llama_proj.bias")),
+    "no_qformer": (dict(no_qformer=True), ("llama_proj.weight", "llama_proj.bias")),
+    "proj_layers_3": (dict(proj_layers=3), tuple(f"llama_proj.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias"))),
+    "train_qformer": (dict(train_qformer=True), ("llama_proj.weight", "llama_proj.bias", "Qformer.")),
+}
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_gradients_reach_exactly_the_trained_parameters(ref_dir, name):
+    """Each switch trains what Table 5 says: every trained parameter gets a non-zero gradient, no other one
+    any gradient (no_qformer: the projection takes 4 grouped ViT tokens; 3 layers: Linear-GELU-Linear-GELU-Linear)."""
+    switches, trained = ABLATIONS[name]
+    torch.manual_seed(0)
+    m = MiniGPT4.from_pretrained(ref_dir, "vicuna-7b", proj=False, ablation=switches)
+    assert m.ablation == {"no_qformer": False, "proj_layers": 1, "train_qformer": False, **switches}
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(trained) for n in names)
+    assert all(any(n.startswith(t) for n in names) for t in trained)
+    if switches.get("train_qformer"):
+        assert names >= {"Qformer.query_tokens"} | {n for n, _ in m.named_parameters() if n.startswith("Qformer.")}
+    if switches.get("no_qformer"):
+        assert m.Qformer is None and m.llama_proj.in_features == 4 * m.cfg.vit.width
+    if switches.get("proj_layers"):
+        assert [type(x).__name__ for x in m.llama_proj] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    ref, js = load_reference(ref_dir, "vicuna0")
+    m(ref["pixel_values"], js["captions"]).backward()
+    for n, p in m.named_parameters():
+        if n in names:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+@pytest.mark.parametrize("name", [n for n in ABLATIONS if n != "paper"])
+def test_ablation_checkpoint_records_itself_and_round_trips(ref_dir, tmp_path, name):
+    """A train.py-style checkpoint of an ablated model loads as that ablation without being told (sample.py's
+    path), with the same weights and image embeddings; asking for other switches is one clear error."""
+    switches, _ = ABLATIONS[name]
+    torch.manual_seed(1)
+    m = MiniGPT4.from_pretrained(ref_dir, "vicuna-7b", proj=False, ablation=switches)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)  # "trained": differs from any fresh init or the fixture
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": m.trainable_state_dict(), "ablation": m.ablation, "optimizer": {}}, path)
+    other = MiniGPT4.from_pretrained(ref_dir, "vicuna-7b", proj=str(path))
+    assert other.ablation == m.ablation
+    assert other.trainable_state_dict().keys() == m.trainable_state_dict().keys()
+    assert all(torch.equal(v, other.trainable_state_dict()[k]) for k, v in m.trainable_state_dict().items())
+    pixels = load_reference(ref_dir, "vicuna0")[0]["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(m.encode_img(pixels)[0], other.encode_img(pixels)[0])
+    with pytest.raises(CheckpointError, match="give the switches it was trained with"):
+        MiniGPT4.from_pretrained(ref_dir, "vicuna-7b", proj=str(path), ablation={k: not v if isinstance(v, bool)
+                                                                                else 1 for k, v in switches.items()})
+    with pytest.raises(CheckpointError, match=r"expected exactly the keys|projection takes \d+-wide"):  # into the paper's
+        load(ref_dir).load_projection(path)
+
+
+def test_ablation_switch_errors(ref_dir, tmp_path):
+    with pytest.raises(ValueError, match="--train_qformer needs a Q-Former"):
+        MiniGPT4.from_pretrained(ref_dir, "vicuna-7b", proj=False, ablation=dict(no_qformer=True, train_qformer=True))
+    with pytest.raises(ValueError, match="--proj_layers must be >= 1"):
+        MiniGPT4.from_pretrained(ref_dir, "vicuna-7b", proj=False, ablation=dict(proj_layers=0))
+    link_fixture(ref_dir, tmp_path, ["config.json", "eva_vit_g.pth", "llama"])  # no BLIP-2 file: not needed
+    assert MiniGPT4.from_pretrained(tmp_path, "vicuna-7b", proj=False, ablation=dict(no_qformer=True)).Qformer is None

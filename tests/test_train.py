@@ -357,3 +357,31 @@ def test_command_line_stage1_then_stage2(shards, align, tmp_path, monkeypatch, c
                        str(IMAGES / "cat.jpg"), "--prompt", "What is in this image?", "--greedy",
                        "--max-new-tokens", "5", "--device", "cpu")
         assert out.strip()
+
+
+@pytest.mark.parametrize("switches", [["--no_qformer"], ["--proj_layers=3"], ["--train_qformer"]], ids=str)
+def test_ablation_switches_train_and_load_in_sample(switches, shards, align, tmp_path, capsys):
+    """Table 5's switches: the first loss == MiniGPT4.forward of the same fresh variant; only its trained
+    parameters move; the checkpoint records the switches, stage 2 starts from it (the same switches; others: one
+    clear error), and sample.py loads it without being told."""
+    cfg = config(shards, tmp_path, 1, *switches, stop_step=2, batch_size=3, lr=0.01)
+    got = T.train(cfg)
+    ck = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    ab = dict(no_qformer=cfg.no_qformer, proj_layers=cfg.proj_layers, train_qformer=cfg.train_qformer)
+    assert ck["ablation"] == ab and set(ck["model"]) == set(got["state"])
+    fresh = M.MiniGPT4.from_pretrained(TINY, "vicuna-7b", proj=False, ablation=ab)
+    torch.manual_seed(cfg.seed)
+    fresh.reset_projection()
+    before = fresh.trainable_state_dict()
+    assert set(before) == set(ck["model"]) and all(not torch.equal(before[k], v) for k, v in ck["model"].items())
+    batch = next(T.Batches(cfg))
+    with torch.no_grad():
+        assert_close(torch.tensor(got["losses"][0]), fresh(batch["image"], batch["text"], max_txt_len=cfg.max_txt_len))
+    s2 = config(align, tmp_path / "s2", 2, *switches, init=str(tmp_path / "ckpt.pth"), stop_step=1, batch_size=2)
+    assert T.train(s2)["step"] == 1
+    with pytest.raises(M.CheckpointError, match="give the switches it was trained with"):
+        T.train(config(align, tmp_path / "s2", 2, init=str(tmp_path / "ckpt.pth"), stop_step=1, batch_size=2))
+    import sample
+    rc = sample.main(["--weights", str(TINY), "--proj", str(tmp_path / "ckpt.pth"), "--image", str(IMAGES / "cat.jpg"),
+                      "--prompt", "What is it?", "--greedy", "--max-new-tokens", "3", "--device", "cpu"])
+    assert rc == 0 and capsys.readouterr().out.strip()
