@@ -102,21 +102,29 @@ def fix_message(text):
     return f"{FIX_PROMPT}\n\n{text}"
 
 
+# A text-only turn per chat format: (prompt with {}, stop string). No system prompt: MiniGPT-4's is about images.
+FIX_TEMPLATES = {"vicuna0": ("###Human: {}###Assistant:", "###"),
+                 "llama2": ("[INST] {} [/INST]", None),  # bos comes from encode(bos=True)
+                 "chatml": ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")}  # SmolLM2
+
+
 class LocalFixer:
-    """A LLaMA-family model of this project (llama.Llama + its tokenizer) fixes a batch of texts, greedy, in a
-    chat template of model.TEMPLATES (no system prompt: the MiniGPT-4 one is about images)."""
+    """A LLaMA-family model of this project (llama.Llama + its tokenizer) fixes a batch of texts, greedy."""
 
     def __init__(self, llm, tokenizer, template="vicuna0", max_new_tokens=400):
-        self.llm, self.tok, self.t, self.max_new = llm, tokenizer, TEMPLATES[template], max_new_tokens
+        if template not in FIX_TEMPLATES:
+            raise ValueError(f"fix template {template!r}: choose one of {', '.join(FIX_TEMPLATES)} (--fix-template)")
+        self.llm, self.tok, self.max_new = llm, tokenizer, max_new_tokens
+        self.prompt, self.stop = FIX_TEMPLATES[template]
 
     @torch.no_grad()
     def __call__(self, texts):
-        t, dev = self.t, self.llm.lm_head.weight.device
-        ids = [self.tok.encode(t.sep + t.user_turn(fix_message(x)) + t.open, bos=True) for x in texts]
+        dev = self.llm.lm_head.weight.device
+        ids = [self.tok.encode(self.prompt.format(fix_message(x)), bos=True) for x in texts]
         idx = nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], True, self.tok.eos_id).to(dev)  # (B, T)
         mask = nn.utils.rnn.pad_sequence([torch.ones(len(i), dtype=torch.bool) for i in ids], True).to(dev)
         gen = generate(self.llm, idx, mask=mask, max_new_tokens=self.max_new, eos_id=self.tok.eos_id,
-                       pad_id=self.tok.eos_id, stop=[t.sep] if t.sep else [], tokenizer=self.tok)
+                       pad_id=self.tok.eos_id, stop=[self.stop] if self.stop else [], tokenizer=self.tok)
         return [x.strip() for x in gen.texts]
 
 
@@ -323,8 +331,9 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="folder laid out like the original release")
     for part in ("vit", "qformer", "llm", "proj"):
         p.add_argument(f"--{part}", help=f"override the {part} file/folder (--proj: the stage-1 ckpt.pth)")
-    p.add_argument("--fixer", default="self", help="'self' (the MiniGPT-4's LLM), an LLM folder, or 'none'")
-    p.add_argument("--fix-template", default=None, choices=list(TEMPLATES), help="chat template of --fixer FOLDER")
+    p.add_argument("--fixer", default="self", help="'self' (the MiniGPT-4's LLM), an LLM folder / file, or 'none'")
+    p.add_argument("--fix-template", choices=list(FIX_TEMPLATES), help="the fixer's chat format (default: the "
+                   "MiniGPT-4 variant's; --fixer FOLDER: vicuna0)")
     p.add_argument("--fixer-url", help="OpenAI-compatible server base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--fixer-model", default="gpt-3.5-turbo", help="model name sent to --fixer-url")
     p.add_argument("--fix-max-new-tokens", type=int, default=400)
@@ -348,7 +357,7 @@ def parse_args(argv=None):
 def main(argv=None):
     from checkpoint import CheckpointError
     from data import ImageError
-    from llama import Llama, Tokenizer
+    import llama
     from model import MiniGPT4
     try:
         args = parse_args(argv)
@@ -362,9 +371,11 @@ def main(argv=None):
         elif args.fixer == "none":
             fixer = None
         elif args.fixer == "self":
-            fixer = LocalFixer(model.llama_model, model.tokenizer, model.cfg.variant, args.fix_max_new_tokens)
-        else:
-            fixer = LocalFixer(Llama.from_pretrained(args.fixer, dtype, args.device), Tokenizer(args.fixer),
+            fixer = LocalFixer(model.llama_model, model.tokenizer, args.fix_template or model.cfg.variant,
+                               args.fix_max_new_tokens)
+        else:  # GGUF too (SmolLM2: --fix-template chatml) where llama.py has load_tokenizer
+            load_tokenizer = getattr(llama, "load_tokenizer", llama.Tokenizer)
+            fixer = LocalFixer(llama.Llama.from_pretrained(args.fixer, dtype, args.device), load_tokenizer(args.fixer),
                                args.fix_template or "vicuna0", args.fix_max_new_tokens)
         curate(args.images, args.out, model, fixer, args.batch_size, args.min_tokens, args.min_words,
                log=lambda m: print(m, file=sys.stderr, flush=True), max_new_tokens=args.max_new_tokens,

@@ -130,11 +130,14 @@ def test_batched_describe_equals_one_chat_per_image(model):
 
 
 # -------------------------------------------------------------------------------------------------- fixers
-def test_local_fixer_batched_equals_one_by_one(model):
-    fixer = curate.LocalFixer(model.llama_model, model.tokenizer, max_new_tokens=10)
+@pytest.mark.parametrize("template", ["vicuna0", "llama2"])
+def test_local_fixer_batched_equals_one_by_one(model, template):
+    fixer = curate.LocalFixer(model.llama_model, model.tokenizer, template, max_new_tokens=10)
     texts = [GOOD, "a dog dog dog", "The cat sits."]
     batched = fixer(texts)
     assert batched == [fixer([t])[0] for t in texts] and all(isinstance(t, str) for t in batched)
+    with pytest.raises(ValueError, match="fix template 'nope'"):
+        curate.LocalFixer(model.llama_model, model.tokenizer, "nope")
 
 
 class Stub(http.server.BaseHTTPRequestHandler):
@@ -259,7 +262,8 @@ def test_resume_after_interruption_redoes_nothing(model, images, tmp_path, monke
 def test_cli_end_to_end_and_bad_folder(images, tmp_path, capsys):
     ref = str(REFERENCE_DIRS[0])
     rc = curate.main(["--images", str(images), "--out", str(tmp_path / "o"), "--weights", ref, "--greedy",
-                      "--max-new-tokens", "8", "--fix-max-new-tokens", "8", "--min-words", "1"])
+                      "--max-new-tokens", "8", "--fix-max-new-tokens", "8", "--min-words", "1",
+                      "--fixer", ref + "/llama", "--fix-template", "llama2"])
     assert rc == 0 and (tmp_path / "o" / "filter_cap.json").is_file() and (tmp_path / "o" / "report.md").is_file()
     rc = curate.main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"), "--weights", ref])
     err = capsys.readouterr().err
