@@ -202,7 +202,7 @@ class State:
     A line torn by a crash (no newline at the end) is cut away on open; nothing else is ever rewritten."""
 
     def __init__(self, path):
-        self.path, self.done = path, {"describe": {}, "fix": {}}
+        self.path, self.done = path, {"settings": {}, "describe": {}, "fix": {}}
         if os.path.exists(path):
             with open(path, "rb") as f:
                 data = f.read()
@@ -213,6 +213,15 @@ class State:
             for line in data.decode("utf-8").splitlines():
                 rec = json.loads(line)
                 self.done[rec["step"]][rec["key"]] = rec
+
+    def check(self, settings):
+        """The first run records its settings; a resume with other settings would mix two runs: refused."""
+        old = self.done["settings"].get("run")
+        if old is None:
+            self.add([dict(step="settings", key="run", **settings)])
+        elif {k: v for k, v in old.items() if k not in ("step", "key")} != json.loads(json.dumps(settings)):
+            raise ValueError(f"{self.path} was made with other settings ({old}); use another --out, or delete the "
+                             "file to start over")
 
     def add(self, records):
         with open(self.path, "a", encoding="utf-8") as f:
@@ -268,6 +277,7 @@ def curate(images, out, model, fixer=None, batch_size=8, min_tokens=MIN_TOKENS, 
     paths = list_images(images)
     os.makedirs(os.path.join(out, "image"), exist_ok=True)
     state = State(os.path.join(out, STATE))
+    state.check(dict(min_tokens=min_tokens, fix=fixer is not None, **opts))
     todo = [k for k in paths if k not in state.done["describe"]]
     log(f"curate: {len(paths)} images, {len(paths) - len(todo)} already described")
     for i in range(0, len(todo), batch_size):

@@ -251,7 +251,9 @@ def test_resume_after_interruption_redoes_nothing(model, images, tmp_path, monke
     curate.curate(images, out, model, fixer, batch_size=2, log=lambda m: None, **GREEDY)  # all done: nothing redone
     assert seen == [2, 2, 1] and len(fixed) == n_fixed
     lines = (out / curate.STATE).read_text().splitlines()
-    assert len(lines) == 10 and all(json.loads(line) for line in lines)  # 5 describe + 5 fix, the torn line gone
+    assert len(lines) == 11 and all(json.loads(line) for line in lines)  # settings, 5 describe, 5 fix; no torn line
+    with pytest.raises(ValueError, match="other settings"):  # a resume must not mix two different runs
+        curate.curate(images, out, model, fixer, batch_size=2, log=lambda m: None, max_new_tokens=13)
     fresh = tmp_path / "fresh"
     curate.curate(images, fresh, model, fake_fixer, batch_size=5, log=lambda m: None, **GREEDY)
     assert (fresh / "filter_cap.json").read_text() == (out / "filter_cap.json").read_text()
