@@ -65,7 +65,11 @@ def describe(model, pixels, min_tokens=MIN_TOKENS, **opts):
     rows = [model.splice(t.first_turn(PROMPT), [e])[0] for e in img]  # each (T_b, D)
     emb, mask = pad(rows)
     turn2 = t.sep + t.user_turn(CONTINUE) + t.open  # the most a second turn adds, besides the answer's last token
-    cache = model.llama_model.new_cache(len(rows), emb.shape[1] + 2 * max_new + len(tok.encode(turn2)) + 1)
+    need = emb.shape[1] + 2 * max_new + len(tok.encode(turn2)) + 1
+    if need > model.llama_model.cfg.max_seq_len:
+        raise ValueError(f"--max-new-tokens {max_new}: two answers and the prompt need {need} tokens, more than the "
+                         f"LLM's context of {model.llama_model.cfg.max_seq_len}")
+    cache = model.llama_model.new_cache(len(rows), need)
     gen = model.generate(emb, mask, cache=cache, **opts)
     out = []
     for b in range(len(rows)):
