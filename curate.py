@@ -170,7 +170,7 @@ class HTTPFixer:
 # --------------------------------------------------------------------------------------------- 4: filter
 APOLOGY = re.compile(r"\b(i'?m sorry|i am sorry|i apologi[sz]e|my apologies|as an ai\b|i cannot (see|describe))",
                      re.IGNORECASE)
-ALLOWED = re.compile(r"[A-Za-z0-9\s.,;:!?'\"()\-%&/]")  # characters of plain English prose
+ALLOWED = re.compile(r"[A-Za-z0-9\s.,;:!?'\"()\-%&/’‘“”–—]")  # characters of plain English prose
 NGRAM, MAX_REPEATED = 3, 0.15  # word n-grams; the share of n-grams that repeat an earlier one
 MAX_ODD_CHARS, MAX_ODD_WORDS = 0.01, 0.1  # non-prose characters; words with no vowel or a capital inside ("xkcd")
 MIN_WORDS = 20

@@ -81,6 +81,8 @@ def test_non_english_or_meaningless(noise):
 
 def test_a_rare_odd_word_is_not_meaningless():
     assert curate.drop_reason(GOOD + " An iPhone lies in the grass.") is None  # 1 odd word in 34: under 10%
+    curly = GOOD.replace("'", "’") + " “Typographic” quotes – and dashes — are prose."
+    assert curate.drop_reason(curly) is None
 
 
 # ---------------------------------------------------------------------------------------------- continue
