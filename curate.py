@@ -59,7 +59,7 @@ def describe(model, pixels, min_tokens=MIN_TOKENS, **opts):
     """pixels (B, 3, H, W) -> per image {"first", "second", "text", "tokens"}. All B conversations decode as one
     padded batch (rows stop on their own); the rows whose answer is short then get CONTINUE as their second turn,
     fed on top of the same KV cache (only the new tokens are computed), as sample.Chat does for one conversation."""
-    t, tok = TEMPLATES[model.cfg.variant], model.tokenizer
+    t, tok = template(model), model.tokenizer
     max_new = opts.setdefault("max_new_tokens", 300)
     img, _ = model.encode_img(pixels.to(model.llama_proj.weight.device, model.llama_proj.weight.dtype))  # (B, nq, D)
     rows = [model.splice(t.first_turn(PROMPT), [e])[0] for e in img]  # each (T_b, D)
@@ -82,7 +82,7 @@ def describe(model, pixels, min_tokens=MIN_TOKENS, **opts):
         new = []
         for b in short:  # the answer's last token (generated, never fed), the separator unless it made one, the turn
             ids = out[b]["ids"]
-            piece = ("" if t.sep in tok.decode(ids) else t.sep) + t.user_turn(CONTINUE) + t.open
+            piece = closing(t.sep, tok.decode(ids)) + t.user_turn(CONTINUE) + t.open
             new.append(model.embed(ids[-1:] + tok.encode(piece))[0])
         emb2, mask2 = pad(new)
         gen2 = model.generate(emb2, mask2, cache=cache, **opts)
@@ -92,6 +92,19 @@ def describe(model, pixels, min_tokens=MIN_TOKENS, **opts):
     for r in out:
         del r["ids"]
     return out
+
+
+def template(model):
+    """The model's chat template: its config's own where it names one, else its variant's."""
+    return getattr(model.cfg, "chat_template", None) or TEMPLATES[model.cfg.variant]
+
+
+def closing(sep, answer):
+    """What must follow an answer before the next turn: nothing if it produced the separator, else the separator
+    less the part the answer ends with (ChatML: an answer ending in "<|im_end|>" still needs its "\n")."""
+    if sep in answer:
+        return ""
+    return sep[max([n for n in range(len(sep)) if answer.endswith(sep[:n])], default=0):]
 
 
 def pad(rows):

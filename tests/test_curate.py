@@ -98,6 +98,13 @@ def test_continue_decision_at_80_tokens(model):
     assert curate.needs_continue(curate.count_tokens(tok, tok.decode(ids[:cut - 1])))
 
 
+@pytest.mark.parametrize("sep,answer,expected", [("###", "a dog###", ""), ("###", "a dog", "###"), ("", "a dog", ""),
+                                                  ("<|im_end|>\n", "a dog<|im_end|>", "\n"),
+                                                  ("<|im_end|>\n", "a dog", "<|im_end|>\n")])
+def test_closing_separator_before_the_continue_turn(sep, answer, expected):
+    assert curate.closing(sep, answer) == expected
+
+
 def test_describe_continues_below_the_boundary_only(model):
     px = pixels(model, sorted(IMAGES.glob("*.jpg"))[:2])
     n = [r["tokens"] for r in curate.describe(model, px, min_tokens=0, **GREEDY)]
