@@ -8,7 +8,7 @@ Make a stage-2 set (cc_sbu_align) from your own images, as Section 3.2 of the pa
     5. write     out/filter_cap.json + out/image/ID.jpg (what train.py --stage 2 reads) and out/report.md
 
     python curate.py --images my_photos/ --out my_align --weights weights/ --proj out/stage1/ckpt.pth
-    python curate.py ... --fixer llm_folder/ --fix-template llama2      # another LLM (HF/Meta folder) fixes
+    python curate.py ... --fixer llm_folder/ --fix-template llama2      # another LLM (HF/Meta folder, GGUF) fixes
     python curate.py ... --fixer-url http://127.0.0.1:8000/v1 --fixer-model NAME   # OpenAI-compatible server
     python curate.py ... --fixer none                                   # skip step 3
 
@@ -215,8 +215,8 @@ def drop_reason(text, min_words=MIN_WORDS, max_repeated=MAX_REPEATED):
 
 # ------------------------------------------------------------------------------------ state and writing
 class State:
-    """Finished records, one JSON line each ({"step": "describe"|"fix", "key", ...}), appended whole and fsynced.
-    A line torn by a crash (no newline at the end) is cut away on open; nothing else is ever rewritten."""
+    """Finished records, one JSON line each ({"step": "settings"|"describe"|"fix", "key", ...}), appended whole and
+    fsynced. A line torn by a crash (no newline at the end) is cut away on open; nothing else is ever rewritten."""
 
     def __init__(self, path):
         self.path, self.done = path, {"settings": {}, "describe": {}, "fix": {}}
@@ -227,9 +227,13 @@ class State:
                 with open(path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
                 data = data[:data.rfind(b"\n") + 1]
-            for line in data.decode("utf-8").splitlines():
-                rec = json.loads(line)
-                self.done[rec["step"]][rec["key"]] = rec
+            for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+                try:
+                    rec = json.loads(line)
+                    self.done[rec["step"]][rec["key"]] = rec
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}, line {n}: not a curate.py state record (a foreign or damaged file; "
+                                     "use another --out)") from None
 
     def check(self, settings):
         """The first run records its settings; a resume with other settings would mix two runs: refused."""

@@ -270,6 +270,12 @@ def test_resume_after_interruption_redoes_nothing(model, images, tmp_path, monke
     assert texts(fresh) == texts(out)  # batches of 2 after a crash == one batch of 5 (greedy)
 
 
+def test_damaged_state_file_is_one_clear_error(tmp_path):
+    (tmp_path / curate.STATE).write_text('{"step": "describe", "key": "a", "text": "x"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2: not a curate.py state record"):
+        curate.State(str(tmp_path / curate.STATE))
+
+
 def test_cli_end_to_end_and_bad_folder(images, tmp_path, capsys):
     ref = str(REFERENCE_DIRS[0])
     rc = curate.main(["--images", str(images), "--out", str(tmp_path / "o"), "--weights", ref, "--greedy",
