@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 
 from generate import generate
-from model import TEMPLATES
 
 PROMPT = "Describe this image in detail. Give as many details as possible. Say everything you see."
 CONTINUE = "Continue"
@@ -95,8 +94,8 @@ def describe(model, pixels, min_tokens=MIN_TOKENS, **opts):
 
 
 def template(model):
-    """The model's chat template: its config's own where it names one, else its variant's."""
-    return getattr(model.cfg, "chat_template", None) or TEMPLATES[model.cfg.variant]
+    """The model's chat template (its config's own, else its variant's)."""
+    return model.cfg.chat_template
 
 
 def closing(sep, answer):
@@ -404,9 +403,8 @@ def main(argv=None):
         elif args.fixer == "self":
             fixer = LocalFixer(model.llama_model, model.tokenizer, args.fix_template or model.cfg.variant,
                                args.fix_max_new_tokens)
-        else:  # GGUF too (SmolLM2: --fix-template chatml) where llama.py has load_tokenizer
-            load_tokenizer = getattr(llama, "load_tokenizer", llama.Tokenizer)
-            fixer = LocalFixer(llama.Llama.from_pretrained(args.fixer, dtype, args.device), load_tokenizer(args.fixer),
+        else:  # an HF/Meta folder or a GGUF file (SmolLM2: --fix-template chatml)
+            fixer = LocalFixer(llama.Llama.from_pretrained(args.fixer, dtype, args.device), llama.load_tokenizer(args.fixer),
                                args.fix_template or "vicuna0", args.fix_max_new_tokens)
         curate(args.images, args.out, model, fixer, args.batch_size, args.min_tokens, args.min_words,
                log=lambda m: print(m, file=sys.stderr, flush=True), max_new_tokens=args.max_new_tokens,

@@ -148,8 +148,8 @@ def make_judge(args, model):
     if args.judge_url:
         return HTTPJudge(args.judge_url, args.judge_model, args.judge_key_env)
     if args.judge_llm:
-        from llama import Llama, Tokenizer
-        return LocalJudge(Llama.from_pretrained(args.judge_llm), Tokenizer(args.judge_llm))
+        from llama import Llama, load_tokenizer
+        return LocalJudge(Llama.from_pretrained(args.judge_llm), load_tokenizer(args.judge_llm))
     return LocalJudge(model.llama_model, model.tokenizer)
 
 
