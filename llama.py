@@ -197,7 +197,8 @@ class Llama(nn.Module):
         return self.model.embed_tokens(ids)
 
     def new_cache(self, batch_size, max_len):
-        return KVCache(self.cfg, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
+        w = self.model.embed_tokens.weight  # never quantized
+        return KVCache(self.cfg, batch_size, max_len, w.dtype, w.device)
 
     def forward(self, idx=None, embeds=None, mask=None, positions=None, cache=None, logits_at=None):
         """idx (B, T) ids or embeds (B, T, C); mask (B, T) 1 = real, 0 = pad (the new tokens); positions (B, T)
@@ -229,9 +230,10 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x)).float()  # fp32 whatever the model dtype
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu", quant=None, group_size=64):
         """HF folder (config.json + safetensors / .bin, sharded or not) or Meta folder (params.json +
-        consolidated.*.pth). Built on the meta device, filled shard by shard in `dtype` on `device`."""
+        consolidated.*.pth). Built on the meta device, filled shard by shard in `dtype` on `device`.
+        quant "int8"/"int4": every Linear quantized as it is read (quant.py); a folder saved quantized needs none."""
         folder = str(folder)
         if not os.path.isdir(folder):
             raise CheckpointError(f"model folder not found: {folder}")
@@ -243,11 +245,16 @@ class Llama(nn.Module):
             raise CheckpointError(f"{folder}: neither config.json (HF) nor params.json (Meta) found")
         with torch.device("meta"):
             model = cls(cfg)
+        import quant as q
+        saved = q.saved_quantization(folder)  # a folder written by quant.save_quantized says how
+        quant, group_size = saved if saved[0] else (quant, group_size)
+        if quant:
+            items = q.quantized_items(q.quantize_(model, quant, group_size), items)
         ignore = re.compile("|".join(IGNORED_KEYS + (["lm_head.weight"] if cfg.tie_embeddings else [])))
         for key, tensor in items:
             if not ignore.fullmatch(key):
                 assign(model, key, tensor, dtype, device)
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and not quant:
             model.lm_head.weight = model.model.embed_tokens.weight
         check_complete(model, f"checkpoint in {folder}")
         return model.eval()
