@@ -163,6 +163,7 @@ def parse_args(argv=None):
         p.add_argument(f"--{part}", help=f"override the {part} file/folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--quant", choices=["int8", "int4"], help="weight-only quantized LLM (quant.py): low-memory mode")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -218,7 +219,7 @@ def run(args):
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     t0 = time.time()
     model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
-                                     dtype=dtype, device=args.device)
+                                     dtype=dtype, device=args.device, quant=args.quant)
     say(f"loaded {args.model} ({model.cfg.variant}) in {time.time() - t0:.1f}s on {args.device}")
     opts = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=not args.greedy,
                 temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
