@@ -230,7 +230,7 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x)).float()  # fp32 whatever the model dtype
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu", quant=None, group_size=64):
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu", quant=None, group_size=32):
         """HF folder (config.json + safetensors / .bin, sharded or not), Meta folder (params.json +
         consolidated.*.pth) or a GGUF file (or a folder holding one: gguf_reader.py). Built on the meta device, filled
         shard by shard (GGUF: tensor by tensor) in `dtype` on `device`.
@@ -253,12 +253,12 @@ class Llama(nn.Module):
         import quant as q
         saved = q.saved_quantization(folder)  # a folder written by quant.save_quantized says how
         quant, group_size = saved if saved[0] else (quant, group_size)
+        ignore = re.compile("|".join(IGNORED_KEYS + (["lm_head.weight"] if cfg.tie_embeddings else [])))
+        items = ((key, tensor) for key, tensor in items if not ignore.fullmatch(key))
         if quant:
             items = q.quantized_items(q.quantize_(model, quant, group_size), items)
-        ignore = re.compile("|".join(IGNORED_KEYS + (["lm_head.weight"] if cfg.tie_embeddings else [])))
         for key, tensor in items:
-            if not ignore.fullmatch(key):
-                assign(model, key, tensor, dtype, device)
+            assign(model, key, tensor, dtype, device)
         if cfg.tie_embeddings and not quant:
             model.lm_head.weight = model.model.embed_tokens.weight
         check_complete(model, f"checkpoint in {folder}")

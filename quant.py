@@ -91,7 +91,7 @@ class Int8Linear(torch.autograd.Function):
 class QuantLinear(nn.Module):
     """A bias-free nn.Linear whose weight is held quantized (buffers: weight, scales[, zeros]); frozen."""
 
-    def __init__(self, in_features, out_features, mode="int8", group_size=64, dtype=torch.float32, device=None):
+    def __init__(self, in_features, out_features, mode="int8", group_size=32, dtype=torch.float32, device=None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
@@ -133,7 +133,7 @@ class QuantLinear(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ applying it to a model
-def quantize_(model, mode, group_size=64):
+def quantize_(model, mode, group_size=32):
     """Replace every bias-free nn.Linear in `model` (in place) by a QuantLinear. On a meta-device model (loading)
     the new buffers are meta too; on a loaded model each weight is quantized now, then dropped. -> model."""
     for name, module in list(model.named_modules()):
@@ -164,8 +164,8 @@ def quantized_items(model, items):
         if leaf == "weight" and name in qlinears and tensor.is_floating_point():
             for k, v in qlinears[name].quantized(tensor).items():
                 yield f"{name}.{k}", v
-        else:
-            yield key, tensor
+        else:  # a copy: a view would keep the whole (memory-mapped) shard resident
+            yield key, tensor.clone()
         if tied and key == "model.embed_tokens.weight":
             yield from ((f"lm_head.{k}", v) for k, v in qlinears["lm_head"].quantized(tensor).items())
 
