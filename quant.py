@@ -22,13 +22,26 @@ MODES = ("int8", "int4")
 
 
 # ----------------------------------------------------------------------------------------------- the math
+ROWS = 1024  # rows quantized at a time: the fp32 temporaries stay small next to a shard
+
+
+def by_rows(fn):
+    """Apply fn to blocks of ROWS rows of w (N, K) and concatenate each of its outputs along dim 0."""
+    def wrapped(w, *args):
+        parts = [fn(rows, *args) for rows in w.split(ROWS)]
+        return tuple(torch.cat(outs) for outs in zip(*parts))
+    return wrapped
+
+
+@by_rows
 def quantize_int8(w):
     """w (N, K) float -> q (N, K) int8, scales (N,) fp32 (absmax / 127 per output channel)."""
     w = w.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (N,)
-    return torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8), scales
+    return torch.round(w / scales[:, None]).clamp_(-128, 127).to(torch.int8), scales
 
 
+@by_rows
 def quantize_int4(w, group_size):
     """w (N, K) float -> packed (N, Kp/2) uint8, scales, zeros (N, Kp/g) fp32; K is zero-padded to Kp = a
     multiple of group_size. Round-to-nearest between each group's min and max (gpt-fast's group_quantize_tensor)."""
