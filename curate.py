@@ -135,7 +135,7 @@ class LocalFixer:
 
     @torch.no_grad()
     def __call__(self, texts):
-        dev = self.llm.lm_head.weight.device
+        dev = self.llm.model.embed_tokens.weight.device
         ids = [self.tok.encode(self.prompt.format(fix_message(x)), bos=True) for x in texts]
         idx = nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], True, self.tok.eos_id).to(dev)  # (B, T)
         mask = nn.utils.rnn.pad_sequence([torch.ones(len(i), dtype=torch.bool) for i in ids], True).to(dev)

@@ -85,7 +85,7 @@ class LocalJudge:
     def __call__(self, prompt):
         import torch
         from generate import generate
-        ids = torch.tensor([self.tok.encode(f"{prompt}\nAnswer:", bos=True)], device=self.llm.lm_head.weight.device)
+        ids = torch.tensor([self.tok.encode(f"{prompt}\nAnswer:", bos=True)], device=self.llm.model.embed_tokens.weight.device)
         with torch.no_grad():
             g = generate(self.llm, idx=ids, max_new_tokens=self.max_new_tokens, eos_id=self.tok.eos_id)
         return self.tok.decode(g.ids[0, :g.lengths[0]])

@@ -203,7 +203,8 @@ class Llama(nn.Module):
         return self.model.embed_tokens(ids)
 
     def new_cache(self, batch_size, max_len):
-        return KVCache(self.cfg, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
+        w = self.model.embed_tokens.weight  # never quantized
+        return KVCache(self.cfg, batch_size, max_len, w.dtype, w.device)
 
     def forward(self, idx=None, embeds=None, mask=None, positions=None, cache=None, logits_at=None):
         """idx (B, T) ids or embeds (B, T, C); mask (B, T) 1 = real, 0 = pad (the new tokens); positions (B, T)
@@ -235,10 +236,11 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x)).float()  # fp32 whatever the model dtype
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu", quant=None, group_size=32):
         """HF folder (config.json + safetensors / .bin, sharded or not), Meta folder (params.json +
         consolidated.*.pth) or a GGUF file (or a folder holding one: gguf_reader.py). Built on the meta device, filled
-        shard by shard (GGUF: tensor by tensor) in `dtype` on `device`."""
+        shard by shard (GGUF: tensor by tensor) in `dtype` on `device`.
+        quant "int8"/"int4": every Linear quantized as it is read (quant.py); a folder saved quantized needs none."""
         folder = str(folder)
         gguf_file = find_gguf(folder)
         if not gguf_file and not os.path.isdir(folder):
@@ -254,14 +256,19 @@ class Llama(nn.Module):
             raise CheckpointError(f"{folder}: neither config.json (HF), params.json (Meta) nor a .gguf file found")
         with torch.device("meta"):
             model = cls(cfg)
+        import quant as q
+        saved = q.saved_quantization(folder)  # a folder written by quant.save_quantized says how
+        quant, group_size = saved if saved[0] else (quant, group_size)
         ignore = re.compile("|".join(IGNORED_KEYS + (["lm_head.weight"] if cfg.tie_embeddings else [])))
+        items = ((key, tensor) for key, tensor in items if not ignore.fullmatch(key))
+        if quant:
+            items = q.quantized_items(q.quantize_(model, quant, group_size), items)
         for key, tensor in items:
-            if not ignore.fullmatch(key):
-                try:
-                    assign(model, key, tensor, dtype, device)
-                except CheckpointError as e:  # name the folder, as every other loading error does
-                    raise CheckpointError(f"{folder}: {e}") from None
-        if cfg.tie_embeddings:
+            try:
+                assign(model, key, tensor, dtype, device)
+            except CheckpointError as e:  # name the folder, as every other loading error does
+                raise CheckpointError(f"{folder}: {e}") from None
+        if cfg.tie_embeddings and not quant:
             model.lm_head.weight = model.model.embed_tokens.weight
         check_complete(model, f"checkpoint in {folder}")
         return model.eval()

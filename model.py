@@ -231,12 +231,13 @@ class MiniGPT4(nn.Module):
 
     @classmethod
     def from_pretrained(cls, weights=None, model="vicuna-7b", vit=None, qformer=None, llm=None, proj=None,
-                        dtype=torch.float32, device="cpu", cfg=None, ablation=None):
+                        dtype=torch.float32, device="cpu", cfg=None, ablation=None, quant=None):
         """Load a weights folder laid out like the original release (or a test fixture), with per-file overrides;
         dimensions come from the files. proj: None = the projection file in `weights`, a path = that file (a
         train.py checkpoint: its recorded Table 5 switches apply), False = a fresh fp32 projection (nn.Linear's
         default init from the current torch seed: stage-1 training). ablation: ABLATION's switches, checked
-        against the checkpoint's record (None: as recorded)."""
+        against the checkpoint's record (None: as recorded). quant "int8"/"int4": the LLM's Linears quantized while
+        loading (quant.py); the rest keeps `dtype`."""
         preset = ALIASES.get(model, model)
         cfg = cfg or MiniGPT4Config.from_name(preset)
         given = proj not in (None, False) and os.path.isfile(proj)  # (a missing file: find_weights lists it)
@@ -251,7 +252,7 @@ class MiniGPT4(nn.Module):
         if not find_gguf(paths["llm"]) and not os.path.isfile(os.path.join(paths["llm"], "tokenizer.model")):
             raise MissingWeights(f"missing weights:\n  tokenizer: {paths['llm']}/tokenizer.model  <- {URLS[preset]}")
         tokenizer = load_tokenizer(paths["llm"])
-        llama = Llama.from_pretrained(paths["llm"], dtype=dtype, device=device)
+        llama = Llama.from_pretrained(paths["llm"], dtype=dtype, device=device, quant=quant)
         visual = VisionTransformer.from_pretrained(paths["vit"], vit_cfg, dtype=dtype, device=device)
         cfg = replace(cfg, vit=visual.config, ln_vision_eps=ln_eps or cfg.ln_vision_eps,
                       max_context=min(cfg.max_context, llama.cfg.max_seq_len))
@@ -326,7 +327,7 @@ class MiniGPT4(nn.Module):
             B, N, W = x[:, 1:].shape  # drop CLS; 4 consecutive patch tokens -> one (row-major)
             x = x[:, 1:].reshape(B, N // self.cfg.group, W * self.cfg.group)  # (B, N/4, 4W)
         x = self.llama_proj(x.to(next(self.llama_proj.parameters()).dtype))  # (B, nq, D)
-        emb = x.to(self.llama_model.lm_head.weight.dtype)
+        emb = x.to(self.llama_model.model.embed_tokens.weight.dtype)
         return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
 
     # -------------------------------------------------------------------------------------- text side
@@ -336,7 +337,7 @@ class MiniGPT4(nn.Module):
         return tok.eos_id if self.cfg.pad_piece is None else tok.sp.piece_to_id(self.cfg.pad_piece)
 
     def embed(self, ids):  # list of ids -> (1, T, D)
-        dev = self.llama_model.lm_head.weight.device
+        dev = self.llama_model.model.embed_tokens.weight.device
         return self.llama_model.embed(torch.tensor([ids], dtype=torch.long, device=dev))
 
     def tokenize_segments(self, text, bos=True):
@@ -382,7 +383,7 @@ class MiniGPT4(nn.Module):
             ids.append(cond + text + [pad] * (T - n))
             mask.append([1] * n + [0] * (T - n))
             labels.append([-100] * len(cond) + [i if i != pad else -100 for i in text] + [-100] * (T - n))
-        dev = self.llama_model.lm_head.weight.device
+        dev = self.llama_model.model.embed_tokens.weight.device
         ids, mask, labels = torch.tensor([ids, mask, labels]).to(dev)  # one host -> device copy, (B, T) each
         image = ids == IMG
         emb = self.llama_model.embed(ids.masked_fill(image, pad))  # (B, T, D)

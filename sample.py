@@ -62,6 +62,7 @@ def parse_args(argv=None):
         p.add_argument(f"--{part}", help=f"override the {part} file/folder")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--quant", choices=["int8", "int4"], help="weight-only quantized LLM (quant.py): low-memory mode")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -189,7 +190,7 @@ def run(args):
         model, opts["original"] = load_text_model(args, dtype), False  # no [bos] start: the prompt is text
     else:
         model = MiniGPT4.from_pretrained(args.weights, args.model, args.vit, args.qformer, args.llm, args.proj,
-                                         dtype=dtype, device=args.device)
+                                         dtype=dtype, device=args.device, quant=args.quant)
     say(f"loaded {describe(model)} as {preset} ({'text only, ' if args.text_only else ''}{model.cfg.variant} "
         f"prompts) in {time.time() - t0:.1f}s on {args.device}")
     chat = Chat(model, max_context=args.max_context, **opts)
@@ -254,7 +255,7 @@ def load_text_model(args, dtype):
     from model import ALIASES, FILES, MiniGPT4Config
     preset = ALIASES.get(args.model, args.model)
     path = args.llm or os.path.join(args.weights, TEXT_ONLY.get(preset) or FILES["llm"][preset][0])
-    llm = Llama.from_pretrained(path, dtype=dtype, device=args.device)
+    llm = Llama.from_pretrained(path, dtype=dtype, device=args.device, quant=args.quant)
     cfg = MiniGPT4Config.from_name(preset)
     cfg.max_context = min(cfg.max_context, llm.cfg.max_seq_len)
     return TextModel(cfg, llm, load_tokenizer(path))

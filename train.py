@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float = 0.0          # 0 = off (the original does not clip)
     dtype: str = "bfloat16"         # autocast on GPU: bfloat16 | float16 (+ GradScaler, as the original) | float32
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (bigger batches, ~1/3 slower)
+    quant: str = ""                 # int8 | int4: the frozen LLM weight-only quantized (quant.py); "" = cfg.dtype
     # run
     device: str = ""                # "" = cuda if available, else cpu
     out_dir: str = "out/stage1"
@@ -286,16 +287,15 @@ class Batches:
 
 # ------------------------------------------------------------------------------------------------ model
 def build_model(cfg, device=None):
-    """The frozen ViT, Q-Former and LLM in cfg.dtype (GPU: bf16/fp16; CPU: fp32) on `device`, and llama_proj
-    in fp32 (the master weights AdamW updates; autocast runs its matmul in low precision): from --init,
-    else freshly initialised from cfg.seed (nn.Linear's default init, as the original stage 1)."""
+    """The frozen ViT, Q-Former and LLM in cfg.dtype (GPU; CPU: fp32; --quant: the LLM's Linears int8/int4) on
+    `device`; llama_proj in fp32 (AdamW's master weights): from --init, else fresh from cfg.seed (as the original)."""
     from model import MiniGPT4
     device = torch.device(device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if device.type == "cpu" else getattr(torch, cfg.dtype)
     ablation = dict(no_qformer=cfg.no_qformer, proj_layers=cfg.proj_layers, train_qformer=cfg.train_qformer)
     model = MiniGPT4.from_pretrained(cfg.weights, cfg.model, vit=cfg.vit or None, qformer=cfg.qformer or None,
                                      llm=cfg.llm or None, proj=cfg.init or False, dtype=dtype, device=device,
-                                     ablation=ablation)
+                                     ablation=ablation, quant=cfg.quant)  # quant "": none
     for p in model.parameters():  # fp32 master weights: llama_proj (+ the Q-Former with --train_qformer)
         p.data = p.data.float() if p.requires_grad else p.data
     if not cfg.init:  # proj=False: a fresh projection; re-drawn from cfg.seed, identical on every rank
