@@ -66,7 +66,7 @@ class Chat:
     def items(self):
         """The prompt as pieces: str, list of ids (answers) or image embeds (nq, D); adjacent strs merged.
         Before the first answer this is the template's first_turn, the original's prompt."""
-        t, out = self.t, [self.t.system + self.t.sep]
+        t, out = self.t, [self.t.head]
         for m in self.messages:
             if m["role"] == "user":
                 for i, p in enumerate(t.user_turn(m["text"]).split(IMAGE)):

@@ -243,7 +243,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 # Stage 2: the cc_sbu_align folder (filter_cap.json {"annotations": [{"image_id", "caption"}]}, image/ID.jpg),
 # map-style: AlignDataset(root)[i] -> {"image", "text" (as is, like the original), "instruction", "key"}. One
 # instruction per sample (the original: per batch), seeded by (seed, epoch, index), from a list (default
-# prompts/alignment.txt; lines without <ImageHere> are ignored). Bad samples: {"image": None}.
+# prompts/alignment.txt; lines without <ImageHere> are ignored); an annotation's own "instruction" (e.g. a
+# question, shapes.py) replaces it. Bad samples: {"image": None}.
 DEFAULT_INSTRUCTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "alignment.txt")
 
 
@@ -293,7 +294,8 @@ class AlignDataset(torch.utils.data.Dataset):
             image = preprocess(os.path.join(self.root, "image", f"{key}.jpg"), self.train, self.size, g)
         except ImageError as e:
             return _bad(key, str(e))
-        return {"image": image, "text": caption, "instruction": rng.choice(self.instructions), "key": key}
+        instruction = rng.choice(self.instructions)  # drawn always: the same draws with or without the next line
+        return {"image": image, "text": caption, "instruction": ann.get("instruction") or instruction, "key": key}
 
 
 def collate(samples):

@@ -44,9 +44,13 @@ class ChatTemplate:  # conversation.py: prompt = system + sep + (role + message 
             return ""
         return self.sep[max([n for n in range(len(self.sep)) if answer.endswith(self.sep[:n])], default=0):]
 
+    @property
+    def head(self):  # the system message and its separator (none for an empty system message)
+        return self.system + self.sep if self.system else ""
+
     def first_turn(self, question):
         """The original's first prompt: system, the image and the question, then the assistant's opening."""
-        return self.system + self.sep + self.user_turn(f"<Img>{IMAGE}</Img> {question}") + self.open
+        return self.head + self.user_turn(f"<Img>{IMAGE}</Img> {question}") + self.open
 
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
@@ -55,7 +59,9 @@ TEMPLATES = {"vicuna0": ChatTemplate(),
              # ChatML (SmolLM2-Instruct's GGUF chat template): <|im_start|>role\ntext<|im_end|>\n per message
              "chatml": ChatTemplate(system="<|im_start|>system\n" + SMOLLM_SYSTEM, sep="<|im_end|>\n",
                                     user="<|im_start|>user\n", assistant="<|im_start|>assistant\n",
-                                    open="<|im_start|>assistant\n")}
+                                    open="<|im_start|>assistant\n"),
+             "shapes": ChatTemplate(system="", sep="<|im_end|>\n", user="<|im_start|>user\n",  # ChatML, no
+                                    assistant="<|im_start|>assistant\n", open="<|im_start|>assistant\n")}  # system
 
 
 @dataclass
@@ -95,6 +101,13 @@ PRESETS = {
                       end_sym=("\n", "</s>"), pad_piece="$$", repetition_penalty=1.05),
     "tiny": dict(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny")),  # tests
     "smollm2": dict(llm="smollm2-135m", template="chatml", stop=("<|im_end|>",)),  # text-only chat (sample.py)
+    # The miniature (shapes.py, miniature.py): the small tower of pretrain_vision.py, SmolLM2-135M-Instruct in
+    # ChatML. Training's bos is SmolLM2's <|im_start|>, so the stage-2 template starts after it; the pad is
+    # <|endoftext|>, so that <|im_end|> (eos) stays a target and the model learns to stop.
+    "shapes": dict(llm="smollm2-135m", vit=ViTConfig.from_name("shapes"), qformer=QFormerConfig.from_name("shapes"),
+                   group=3,  # no_qformer: 9 patch tokens, 3 per embedding (a row of places)
+                   template="shapes", prompt_template="user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                   end_sym=("<|im_end|>", "<|im_end|>"), pad_piece="<|endoftext|>", stop=("<|im_end|>",)),
 }
 ALIASES = {"llama2": "llama2-7b", "vicuna": "vicuna-13b", "vicuna7b": "vicuna-7b", "vicuna13b": "vicuna-13b"}
 ABLATION = dict(no_qformer=False, proj_layers=1, train_qformer=False)  # Table 5's switches; these: the paper's model
@@ -138,6 +151,9 @@ URLS = {
     "vicuna-13b": "https://huggingface.co/Vision-CAIR/vicuna",
     "llama2-7b": "https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (gated: accept the license first)",
     "proj": "Google Drive, the original release's files (fetch.py downloads them)",
+    "shapes": "python fetch.py --model smollm2 --out weights",  # the miniature: made here, nothing to download
+    "shapes:vit": "python pretrain_vision.py", "shapes:qformer": "python pretrain_vision.py",
+    "shapes:proj": "python train.py --stage 2 --config shapes (or give --proj)",
 }
 # What a weights folder may hold, first match wins: the original release's names first. TEST FIXTURES: the last
 # name of the qformer, proj and llm lists (blip2_pretrained.pth, minigpt4_*proj.pth, llama/) is the layout of
@@ -145,10 +161,11 @@ URLS = {
 FILES = {
     "vit": ["eva_vit_g.pth"],
     "qformer": ["blip2_pretrained_flant5xxl.pth", "blip2_pretrained.pth"],
-    "proj": {"vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth"],
+    "proj": {"shapes": ["minigpt4_shapes_proj.pth"], "vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth"],
              "vicuna-13b": ["pretrained_minigpt4.pth", "pretrained_minigpt4_13b.pth", "minigpt4_proj.pth"],
              "llama2-7b": ["pretrained_minigpt4_llama2_7b.pth", "minigpt4_llama2_proj.pth"]},
-    "llm": {"vicuna-7b": ["vicuna-7b", "vicuna_7b", "llama"],  # `vicuna/` is the 13B repo: never picked for 7B
+    "llm": {"shapes": ["smollm2", "../smollm2"],  # pretrain_vision.py writes weights/shapes/ beside weights/smollm2/
+            "vicuna-7b": ["vicuna-7b", "vicuna_7b", "llama"],  # `vicuna/` is the 13B repo: never picked for 7B
             "vicuna-13b": ["vicuna-13b", "vicuna_13b", "vicuna", "llama"],
             "llama2-7b": ["Llama-2-7b-chat-hf", "llama-2-7b-chat-hf", "llama2-7b", "llama2", "llama"]},
 }
@@ -178,7 +195,7 @@ def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
         found = [os.path.join(folder, n) for n in names if folder and os.path.exists(os.path.join(folder, n))]
         path = override or (found[0] if found else None)
         if path is None or not os.path.exists(path):
-            where = URLS[preset] if part == "llm" else URLS[part]
+            where = URLS.get(f"{preset}:{part}") or (URLS[preset] if part == "llm" else URLS[part])
             if path is None:  # nothing in the folder: what the release calls it (the LLM: a folder)
                 path = os.path.join(folder or "", names[0] + "/" if part == "llm" else " or ".join(names[:2]))
             missing.append(f"  {part}: {path}  <- {where}")
@@ -189,7 +206,8 @@ def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
 
 
 def folder_configs(folder):
-    """Test fixtures only: (ViTConfig, QFormerConfig, ln_vision eps) from config.json `dims`, else Nones."""
+    """Test fixtures and pretrain_vision.py's tower: (ViTConfig, QFormerConfig, ln_vision eps) from config.json
+    `dims`, else Nones (a release folder has no config.json)."""
     path = os.path.join(folder or "", "config.json")
     if not (folder and os.path.isfile(path)):
         return None, None, None
@@ -334,7 +352,9 @@ class MiniGPT4(nn.Module):
     @property
     def pad_id(self):
         tok = self.tokenizer
-        return tok.eos_id if self.cfg.pad_piece is None else tok.sp.piece_to_id(self.cfg.pad_piece)
+        if self.cfg.pad_piece is None:
+            return tok.eos_id
+        return tok.sp.piece_to_id(self.cfg.pad_piece) if hasattr(tok, "sp") else tok.ids[self.cfg.pad_piece]
 
     def embed(self, ids):  # list of ids -> (1, T, D)
         dev = self.llama_model.model.embed_tokens.weight.device

@@ -63,6 +63,8 @@ class QFormerConfig:
 PRESETS = {
     "blip2": dict(),
     "tiny": dict(hidden_size=64, n_layers=2, n_heads=4, intermediate_size=256, encoder_width=64, n_queries=4),
+    "shapes": dict(hidden_size=192, n_layers=4, n_heads=4, intermediate_size=768, encoder_width=192, n_queries=10,
+                   cross_attention_freq=1),  # the miniature's: 9 queries, one per place, and one for the whole image
 }
 
 PREFIX = "Qformer.bert."  # checkpoint key = PREFIX + our key (except query_tokens, ln_vision.*)

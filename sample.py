@@ -25,7 +25,7 @@ import checks
 
 DEFAULT_WEIGHTS = os.environ.get("MINIGPT4_WEIGHTS", "weights")
 TEXT_ONLY = {"smollm2": "smollm2"}  # presets without vision weights -> their LLM folder in --weights
-MODELS = ["vicuna-7b", "vicuna-13b", "llama2-7b", "llama2", "vicuna", "vicuna7b", "vicuna13b", *TEXT_ONLY]
+MODELS = ["vicuna-7b", "vicuna-13b", "llama2-7b", "llama2", "vicuna", "vicuna7b", "vicuna13b", *TEXT_ONLY, "shapes"]
 HELP = ("chat: type a question; Ctrl-C stops an answer (the cut answer and its question are dropped: the next "
         "question continues the conversation before it); /image PATH starts over with another image, /reset, "
         "/help, /quit (or Ctrl-D)")
@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="answer this question once and exit (else: interactive chat)")
     p.add_argument("--model", choices=MODELS, metavar="MODEL",
                    help="vicuna-7b (default), vicuna-13b, llama2-7b (aliases: " + ", ".join(MODELS[3:7]) + "); "
-                        "smollm2 (text only; the default when --llm is a GGUF file or a folder holding one)")
+                        "smollm2 (text only; the default when --llm is a GGUF file or a folder holding one); shapes (the "
+                        "miniature: --weights weights/shapes, README)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="folder laid out like the original release "
                                                               "(fetch.py --out; env MINIGPT4_WEIGHTS)")
     for part in ("vit", "qformer", "llm", "proj"):

@@ -86,6 +86,13 @@ CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
     "tiny": dict(model="vicuna-7b", weights=TINY, device="cpu", dtype="float32", batch_size=4, num_workers=0,
                  max_epoch=2, iters_per_epoch=4, warmup_steps=2, lr=1e-3, min_lr=1e-4, log_interval=1,
                  ckpt_interval=4),
+    # `shapes`: the miniature (README): shapes.py's data, pretrain_vision.py's tower, SmolLM2-135M, both stages
+    # within 15 minutes on 2 CPU cores. Short runs need a larger lr than the original's 1e-4 / 3e-5.
+    "shapes": dict(model="shapes", weights="weights/shapes", device="cpu", dtype="float32", num_workers=0,
+                   log_interval=10, ckpt_interval=100, warmup_steps=10, max_epoch=1, stages={
+                       1: dict(data="data/shapes/stage1/*.tar", batch_size=32, iters_per_epoch=120, lr=3e-3, min_lr=3e-4),
+                       2: dict(data="data/shapes/align", init="out/shapes-stage1/ckpt.pth", batch_size=16,
+                               iters_per_epoch=140, lr=1e-3, min_lr=1e-4, max_txt_len=96)}),
 }
 
 RESUME_MAY_CHANGE = ("stop_step", "log_interval", "ckpt_interval", "device", "out_dir", "resume",  # --resume:
@@ -113,7 +120,9 @@ def parse_args(argv):
     stage, preset = opts.pop("stage", "1"), opts.pop("config", None)
     if stage not in ("1", "2") or (preset is not None and preset not in CONFIGS):
         raise ValueError(f"--stage must be 1 or 2 (got {stage}), --config one of {list(CONFIGS)} (got {preset})")
-    cfg = TrainConfig(stage=int(stage), **(STAGES[int(stage)] | CONFIGS.get(preset, {})))
+    opts_preset = dict(CONFIGS.get(preset, {}))  # a preset may set options per stage under "stages"
+    per_stage = opts_preset.pop("stages", {}).get(int(stage), {})
+    cfg = TrainConfig(stage=int(stage), **(STAGES[int(stage)] | opts_preset | per_stage))
     if preset:
         cfg.out_dir = f"out/{preset}-stage{stage}"
     types = {f.name: f.type for f in fields(TrainConfig)}
@@ -212,12 +221,12 @@ class Source:
     resume with data.track); stage 2: data.AlignDataset, a seeded permutation per epoch split over the ranks
     (drop_last: no sample twice). Skips batches of only bad samples. Batches saves/restores (epoch, pos)."""
 
-    def __init__(self, cfg, spec, seed, rank=0, world=1):
+    def __init__(self, cfg, spec, seed, rank=0, world=1, size=224):
         self.cfg, self.spec, self.seed, self.rank, self.world = cfg, spec, seed, rank, world
         if cfg.stage == 1:
-            self.ds = D.ShardDataset(spec, seed=seed, rank=rank, world_size=world)
+            self.ds = D.ShardDataset(spec, seed=seed, rank=rank, world_size=world, size=size)
         else:
-            self.ds = D.AlignDataset(spec, seed=seed)
+            self.ds = D.AlignDataset(spec, seed=seed, size=size)
         self.epoch, self.pos, self.it, self.skipped = 0, None, None, 0
 
     def _loader(self):
@@ -258,13 +267,13 @@ class Source:
 class Batches:
     """This rank's training batches from one dataset, or from several mixed PER BATCH by --data's ratios, as
     the original's MultiIterLoader: each batch comes from one dataset, drawn with probability ratio / sum
-    (seeded by seed, rank and batch number). state_dict(): where to resume."""
+    (seeded by seed, rank and batch number). Images at the model's size. state_dict(): where to resume."""
 
-    def __init__(self, cfg, rank=0, world=1):
+    def __init__(self, cfg, rank=0, world=1, size=224):
         if not cfg.data:
             raise ValueError("--data is required (stage 1: tar shards, stage 2: the cc_sbu_align folder)")
         specs = data_sources(cfg.data)
-        self.sources = [Source(cfg, spec, cfg.seed + i, rank, world) for i, (spec, _) in enumerate(specs)]
+        self.sources = [Source(cfg, spec, cfg.seed + i, rank, world, size) for i, (spec, _) in enumerate(specs)]
         self.ratios, self.seed, self.rank, self.drawn = [r for _, r in specs], cfg.seed, rank, 0
 
     def pick(self, n):  # the dataset of batch n on this rank
@@ -326,7 +335,7 @@ def train(cfg, batches=None):
     optimizer = build_optimizer(cfg, model)
     torch.manual_seed(cfg.seed + rank)
     if batches is None:
-        batches = Batches(cfg, rank, world)
+        batches = Batches(cfg, rank, world, model.cfg.vit.img_size)
     ckpt_path, step, losses = run_dir.prepare(cfg, master), 0, []  # a used out_dir: --resume or --overwrite
     checks.writable_dir(cfg.out_dir)  # before the first step: a probe file written, fsynced, removed
     if cfg.resume:  # weights, optimizer, scaler, step, RNG and data position of out_dir/ckpt.pth

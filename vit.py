@@ -59,6 +59,7 @@ class ViTConfig:
 PRESETS = {
     "eva-vit-g": dict(),
     "tiny": dict(width=64, depth=2, n_heads=4, mlp_hidden=279),  # the shapes of tests/fixtures/reference/tiny
+    "shapes": dict(img_size=168, patch_size=56, width=192, depth=4, n_heads=4, mlp_hidden=768),  # 3 x 3: a patch a place
 }
 EVA_CLIP_DEPTH = 40  # a config-less load of a 40-block file keeps the first 39, as MiniGPT-4 does
 
