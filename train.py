@@ -87,7 +87,7 @@ CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
                  max_epoch=2, iters_per_epoch=4, warmup_steps=2, lr=1e-3, min_lr=1e-4, log_interval=1,
                  ckpt_interval=4),
     # `shapes`: the miniature (README): shapes.py's data, pretrain_vision.py's tower, SmolLM2-135M, both stages
-    # within 15 minutes on 2 CPU cores. Short runs need a larger lr than the original's 1e-4 / 3e-5.
+    # in 18 minutes on 2 CPU cores (the goal is 15). Short runs need a larger lr than the original's 1e-4 / 3e-5.
     "shapes": dict(model="shapes", weights="weights/shapes", device="cpu", dtype="float32", num_workers=0,
                    log_interval=10, ckpt_interval=100, warmup_steps=10, max_epoch=1, stages={
                        1: dict(data="data/shapes/stage1/*.tar", batch_size=32, iters_per_epoch=120, lr=3e-3, min_lr=3e-4),
