@@ -1,6 +1,5 @@
 """Benchmarks.  python bench.py --attention [--dtype fp16|bf16] [--iters 50] [--warmup 10]
                 python bench.py --e2e [--quick] [--batch 64] [--new-tokens 256] [--peak-tflops T] [--peak-tbps B]
-                python bench.py --shapes [--shapes-weights weights/shapes|random] [--shapes-batch 32] [--shapes-iters 5]
 
 --attention: our Triton kernel vs torch SDPA's backends and a naive matmul-softmax on MiniGPT-4's real shapes
 (EVA ViT-G, Q-Former, LLaMA-7B prefill and decode). Every result is first checked against the naive one in
@@ -11,12 +10,6 @@ transformers (Blip2VisionModel + Blip2QFormerModel + our llama_proj + LlamaForCa
 prompts and batches built by our code for both): image encoding, a stage-1 training step, chat at batch 1. Outputs
 are checked against transformers first. CPU: tiny presets in fp32, a smoke test. Text goes through the fixture
 tokenizer (1000 pieces, ids valid in any LLaMA vocabulary): only token counts matter, and they are printed.
-
---shapes: the miniature's stage-1 training step on the CPU (model preset "shapes": pretrain_vision.py's small ViT +
-Q-Former and the real SmolLM2-135M-Instruct GGUF at weights/smollm2/, fp32), ours vs the same model composed from
-transformers modules on the same weight tensors, with real shapes-world captions and images. Needs the SmolLM2 file
-(`python fetch.py --model smollm2`), so a bare `python bench.py` does not run it. The tower: weights/shapes/ (written
-by `python pretrain_vision.py --out weights/shapes`), else random weights (the header says which).
 """
 import argparse
 import contextlib
@@ -402,108 +395,6 @@ def bench_e2e(args):
     return not bad
 
 
-# ------------------------------------------------------------------- the miniature's stage-1 step (--shapes)
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-SMOLLM2_DIR = os.path.join(ROOT, "weights", "smollm2")
-
-
-def shapes_model(weights_dir):
-    """MiniGPT4 preset "shapes" in fp32 with a fresh projection -> (model, what the tower is). weights_dir holds
-    pretrain_vision.py's eva_vit_g.pth, blip2_pretrained.pth, config.json (the LLM: its ../smollm2, model.FILES);
-    "random" or a missing folder: the preset's ViT/Q-Former with random weights (seed 0; positions and queries at
-    unit scale, as pretrain_vision.Tower starts) and the LLM from weights/smollm2/."""
-    if weights_dir != "random" and os.path.isdir(weights_dir):
-        m = MiniGPT4.from_pretrained(weights_dir, "shapes", proj=False, dtype=torch.float32)
-        return m, f"pretrained ({weights_dir})"
-    from llama import Llama, load_tokenizer
-    torch.manual_seed(0)
-    m = MiniGPT4(MiniGPT4Config.from_name("shapes"), llama_model=Llama.from_pretrained(SMOLLM2_DIR),
-                 tokenizer=load_tokenizer(SMOLLM2_DIR))
-    with torch.no_grad():
-        m.visual_encoder.pos_embed.normal_(0, 1.0)
-        m.Qformer.query_tokens.normal_(0, 1.0)
-    why = "" if weights_dir == "random" else f", {weights_dir} absent"
-    return m.eval(), f"random{why}"
-
-
-def shapes_batch(B, size):
-    """B stage-1 samples of the shapes world: train scenes 0..B-1 rendered at `size` (the tower's image size) and
-    normalised as pretrain_vision.pixels, captions as shapes.write_stage1 writes them. -> (pixels, captions)"""
-    import shapes as S
-    from pretrain_vision import pixels
-    scenes = [S.scene("train", i) for i in range(B)]
-    captions = [S.caption(s, random.Random(f"cap/{i}")) for i, s in enumerate(scenes)]
-    return pixels([S.render(s, size=size) for s in scenes]), captions
-
-
-def bench_shapes(args):
-    """Stage-1 step of the miniature (forward -> loss -> backward -> AdamW on llama_proj), fp32 on the CPU with one
-    thread per usable core: ours (m(pixels, captions)) vs transformers (hf_encode, our build_inputs, then
-    LlamaForCausalLM(inputs_embeds, labels)). Losses checked first (rel 1e-4); then 1 warmup step each and
-    --shapes-iters timed steps each, ours and theirs alternating (a loaded machine slows both alike); median."""
-    import transformers
-    threads = torch.get_num_threads()
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    try:
-        return _bench_shapes(args, n, transformers.__version__)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _bench_shapes(args, threads, hf_version):
-    B, iters, max_txt_len, tol = args.shapes_batch, args.shapes_iters, 32, 1e-4
-    t_build = time.perf_counter()
-    m, tower = shapes_model(args.shapes_weights)
-    vis, qfm, llm = to_transformers(m)
-    c = m.llama_model.cfg
-    print(f"MiniGPT-4 miniature (shapes) stage-1 step | CPU, {threads} threads | fp32 | torch {torch.__version__} | "
-          f"transformers {hf_version} | tower: {tower}, {m.visual_encoder.config.img_size} px | LLM: SmolLM2 "
-          f"{c.dim}x{c.n_layers}, vocab {c.vocab_size} | built in {time.perf_counter() - t_build:.1f}s")
-    pixels, texts = shapes_batch(B, m.visual_encoder.config.img_size)
-    opt = torch.optim.AdamW(m.llama_proj.parameters(), lr=1e-5, weight_decay=0.05)
-
-    def ours_loss():
-        return m(pixels, texts, max_txt_len=max_txt_len)
-
-    def hf_loss():
-        emb, mask, labels = m.build_inputs(hf_encode(m, vis, qfm, pixels), texts, max_txt_len=max_txt_len)
-        return llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False).loss
-
-    def step(loss_fn):
-        loss_fn().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with torch.no_grad():
-        _, mask, labels = m.build_inputs(m.encode_img(pixels)[0], texts, max_txt_len=max_txt_len)
-        T, targets = mask.shape[1], (labels[:, 1:] != -100).sum().item()
-        l_ours, l_hf = ours_loss().item(), hf_loss().item()
-    if abs(l_ours - l_hf) > tol * max(1, abs(l_hf)):
-        print(f"MISMATCH: loss {l_ours:.6f} (ours) vs {l_hf:.6f} (transformers)")
-        return False
-    for fn in (ours_loss, hf_loss):  # warmup
-        step(fn)
-    wall, cpu = {"ours": [], "hf": []}, {"ours": [], "hf": []}
-    for _ in range(iters):
-        for who, fn in (("ours", ours_loss), ("hf", hf_loss)):
-            c0 = time.process_time()
-            wall[who].append(seconds(lambda: step(fn), 0, 1))
-            cpu[who].append(time.process_time() - c0)
-    (w_ours, w_hf), (c_ours, c_hf) = ([statistics.median(d[k]) for k in ("ours", "hf")] for d in (wall, cpu))
-    print(f"{'':36} {'ours':>12} {'transformers':>12} {'speedup':>8} {'goal':>6}  notes")
-    print(f"{f'stage-1 step B={B}, samples/s':36} {B / w_ours:12.4g} {B / w_hf:12.4g} {w_hf / w_ours:8.2f} "
-          f"{'x1.2':>6}  T={T} tokens, {targets} target tokens ({targets / B:.1f}/sample), "
-          f"loss {l_ours:.4f} vs {l_hf:.4f}")
-    print(f"{'  seconds per step':36} {w_ours:12.4g} {w_hf:12.4g}")
-    print(f"{'  CPU seconds per step (all threads)':36} {c_ours:12.4g} {c_hf:12.4g} {c_hf / c_ours:8.2f} "
-          f"{'':6}  less sensitive than wall time to other processes on the machine")
-    print(f"median of {iters} steps each after 1 warmup, ours and transformers alternating; "
-          f"ratio ours/transformers samples/s = {w_hf / w_ours:.2f}")
-    return True
-
-
 def bench_quant(args):
     """Low-memory mode (quant.py): greedy decode tokens/s and weight bytes of one LLM, float (fp32 on CPU, fp16 on
     GPU) vs int8 vs int4, same random weights; ratios against float measured in this run. GPU: LLaMA-7B's shape."""
@@ -555,17 +446,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="--e2e: few iterations (the whole run < 5 min)")
     parser.add_argument("--batch", type=int, default=64, help="--e2e: images per encode / training step")
     parser.add_argument("--new-tokens", type=int, default=256, help="--e2e: tokens decoded in chat")
-    parser.add_argument("--shapes", action="store_true",
-                        help="the miniature's stage-1 step on the CPU (needs weights/smollm2): ours vs transformers")
-    parser.add_argument("--shapes-weights", default="weights/shapes",
-                        help="--shapes: pretrain_vision.py's tower folder; 'random' (or a missing folder): random")
-    parser.add_argument("--shapes-batch", type=int, default=32, help="--shapes: samples per training step")
-    parser.add_argument("--shapes-iters", type=int, default=5, help="--shapes: timed steps of each (median)")
     parser.add_argument("--quant", action="store_true", help="LLM decode tok/s and memory: float vs int8 vs int4")
     parser.add_argument("--peak-tflops", type=float, help="bf16 dense TFLOP/s of this GPU (default: by name)")
     parser.add_argument("--peak-tbps", type=float, help="memory TB/s of this GPU (default: by name)")
     args = parser.parse_args()
-    run_all = not (args.attention or args.e2e or args.quant or args.shapes)  # none named: all but --shapes
+    run_all = not (args.attention or args.e2e or args.quant)  # no section named: run every section
     ok = True
     t0 = time.time()
     if args.attention or run_all:
@@ -574,8 +459,6 @@ def main():
         ok &= bench_e2e(args)
     if args.quant or run_all:
         ok &= bench_quant(args)
-    if args.shapes:  # not in run_all: it needs the SmolLM2 file
-        ok &= bench_shapes(args)
     print(f"done in {time.time() - t0:.1f}s" + ("" if ok else "  (MISMATCH: see above)"))
     raise SystemExit(0 if ok else 1)
 

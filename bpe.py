@@ -102,6 +102,9 @@ class BPETokenizer:
                             else bytes(self.char_byte[c] for c in p) for p in self.pieces]
         self.bpe = functools.lru_cache(maxsize=65536)(self._bpe)
 
+    def piece_to_id(self, piece):
+        return self.ids[piece]
+
     @classmethod
     def from_gguf(cls, path):
         from gguf_reader import GGUFFile

@@ -388,6 +388,9 @@ class Tokenizer:
         self.special = {self.sp.id_to_piece(i): i for i in (self.unk_id, self.bos_id, self.eos_id) if i >= 0}
         self.split_re = re.compile("(" + "|".join(re.escape(s) for s in self.special) + ")")
 
+    def piece_to_id(self, piece):
+        return self.sp.piece_to_id(piece)
+
     def encode(self, text, bos=False, eos=False):
         ids = [self.bos_id] if bos else []
         for seg in self.split_re.split(text):  # each segment on its own (sp.encode("") == [])

@@ -101,9 +101,7 @@ PRESETS = {
                       end_sym=("\n", "</s>"), pad_piece="$$", repetition_penalty=1.05),
     "tiny": dict(llm="tiny", vit=ViTConfig.from_name("tiny"), qformer=QFormerConfig.from_name("tiny")),  # tests
     "smollm2": dict(llm="smollm2-135m", template="chatml", stop=("<|im_end|>",)),  # text-only chat (sample.py)
-    # The miniature (shapes.py, miniature.py): the small tower of pretrain_vision.py, SmolLM2-135M-Instruct in
-    # ChatML. Training's bos is SmolLM2's <|im_start|>, so the stage-2 template starts after it; the pad is
-    # <|endoftext|>, so that <|im_end|> (eos) stays a target and the model learns to stop.
+    # The miniature (README): bos is <|im_start|>, so the template starts after it; pad <|endoftext|>: eos is learned
     "shapes": dict(llm="smollm2-135m", vit=ViTConfig.from_name("shapes"), qformer=QFormerConfig.from_name("shapes"),
                    group=3,  # no_qformer: 9 patch tokens, 3 per embedding (a row of places)
                    template="shapes", prompt_template="user\n{}<|im_end|>\n<|im_start|>assistant\n",
@@ -151,9 +149,8 @@ URLS = {
     "vicuna-13b": "https://huggingface.co/Vision-CAIR/vicuna",
     "llama2-7b": "https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (gated: accept the license first)",
     "proj": "Google Drive, the original release's files (fetch.py downloads them)",
-    "shapes": "python fetch.py --model smollm2 --out weights",  # the miniature: made here, nothing to download
-    "shapes:vit": "python pretrain_vision.py", "shapes:qformer": "python pretrain_vision.py",
-    "shapes:proj": "python train.py --stage 2 --config shapes (or give --proj)",
+    "shapes": "python fetch.py --model smollm2 --out weights", "shapes:vit": "python pretrain_vision.py",  # miniature
+    "shapes:qformer": "python pretrain_vision.py", "shapes:proj": "python train.py --stage 2 --config shapes",
 }
 # What a weights folder may hold, first match wins: the original release's names first. TEST FIXTURES: the last
 # name of the qformer, proj and llm lists (blip2_pretrained.pth, minigpt4_*proj.pth, llama/) is the layout of
@@ -161,7 +158,8 @@ URLS = {
 FILES = {
     "vit": ["eva_vit_g.pth"],
     "qformer": ["blip2_pretrained_flant5xxl.pth", "blip2_pretrained.pth"],
-    "proj": {"shapes": ["minigpt4_shapes_proj.pth"], "vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth"],
+    "proj": {"shapes": ["minigpt4_shapes_proj.pth"],
+             "vicuna-7b": ["prerained_minigpt4_7b.pth", "pretrained_minigpt4_7b.pth", "minigpt4_proj.pth"],
              "vicuna-13b": ["pretrained_minigpt4.pth", "pretrained_minigpt4_13b.pth", "minigpt4_proj.pth"],
              "llama2-7b": ["pretrained_minigpt4_llama2_7b.pth", "minigpt4_llama2_proj.pth"]},
     "llm": {"shapes": ["smollm2", "../smollm2"],  # pretrain_vision.py writes weights/shapes/ beside weights/smollm2/
@@ -206,8 +204,7 @@ def find_weights(folder, preset, vit=None, qformer=None, llm=None, proj=None):
 
 
 def folder_configs(folder):
-    """Test fixtures and pretrain_vision.py's tower: (ViTConfig, QFormerConfig, ln_vision eps) from config.json
-    `dims`, else Nones (a release folder has no config.json)."""
+    """Test fixtures, pretrain_vision.py's tower: (ViTConfig, QFormerConfig, ln_vision eps) from config.json `dims`."""
     path = os.path.join(folder or "", "config.json")
     if not (folder and os.path.isfile(path)):
         return None, None, None
@@ -352,9 +349,7 @@ class MiniGPT4(nn.Module):
     @property
     def pad_id(self):
         tok = self.tokenizer
-        if self.cfg.pad_piece is None:
-            return tok.eos_id
-        return tok.sp.piece_to_id(self.cfg.pad_piece) if hasattr(tok, "sp") else tok.ids[self.cfg.pad_piece]
+        return tok.eos_id if self.cfg.pad_piece is None else tok.piece_to_id(self.cfg.pad_piece)
 
     def embed(self, ids):  # list of ids -> (1, T, D)
         dev = self.llama_model.model.embed_tokens.weight.device
