@@ -3,8 +3,9 @@ Table 5 in miniature: the four variants of the paper's ablation (MiniGPT-4; with
 projection layers; the Q-Former finetuned too) trained with the same recipe and budget, then evaluated by
 eval.py (VQA accuracy per question type, CHAIR of long and short descriptions), side by side with the paper.
 
-    python ablate.py --stage1 'data/shapes/stage1/*.tar' --stage2 data/shapes/align --vqa data/shapes/test/eval.json \
-        --chair data/shapes/test/eval.json --vocab shapes --out_dir out/table5 -- --config shapes
+    python ablate.py --stage1 'data/shapes/stage1/*.tar' --stage2 data/shapes/align:1,data/shapes/qa:2 \
+        --vqa data/shapes/test/eval.json --chair data/shapes/test/eval.json --vocab shapes --out_dir out/table5 \
+        -- --config shapes
     python ablate.py ... -- --config tiny --max_epoch 1     # after `--`: train.py options for both stages
 
 Writes out_dir/<variant>/stage{1,2}/ckpt.pth, <variant>/{vqa,chair}.json, out_dir/table5.json and out_dir/table5.md.

@@ -2,7 +2,7 @@
 The miniature's stage-1 training step on the CPU, ours vs the same model composed from transformers modules on the
 same weight tensors (bench.py's to_transformers), in one run, with real shapes-world captions and images:
 
-    python bench_shapes.py [--weights weights/shapes|random] [--batch 32] [--iters 5]
+    python bench_shapes.py [--weights weights/shapes|random] [--batch 8] [--iters 5]
 
 The model: preset "shapes" (pretrain_vision.py's small ViT + Q-Former, SmolLM2-135M-Instruct from weights/smollm2/,
 `python fetch.py --model smollm2`), fp32. The tower: --weights (written by `python pretrain_vision.py`), else
@@ -114,7 +114,7 @@ def _bench_shapes(args, threads, hf_version):
 def main(argv=None):
     p = argparse.ArgumentParser(description="The miniature's stage-1 step: ours vs transformers, CPU.")
     p.add_argument("--weights", default="weights/shapes", help="pretrain_vision.py's folder, or 'random'")
-    p.add_argument("--batch", type=int, default=32, help="samples per training step")
+    p.add_argument("--batch", type=int, default=8, help="samples per training step (the shapes preset: 8)")
     p.add_argument("--iters", type=int, default=5, help="timed steps of each (median)")
     args = p.parse_args(argv)
     return 0 if bench_shapes(args) else 1

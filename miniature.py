@@ -3,7 +3,7 @@ MiniGPT-4 in miniature, in one command: the shapes world's data, the vision towe
 evaluation the README reports (accuracy per question type on held-out images, beside chance and beside the same
 questions asked about shuffled images), and five detailed descriptions drawn beside their images.
 
-    python miniature.py                       # everything missing is made; about 30 minutes on 2 CPU cores
+    python miniature.py                       # everything missing is made; about 32 minutes on 2 CPU cores
     python miniature.py --skip-train          # only the evaluation of out/shapes-stage2/ckpt.pth
 
 The steps are the README's commands (shapes.py, pretrain_vision.py, train.py --config shapes, eval.py); this file
@@ -92,7 +92,7 @@ def run(out="out/miniature", data="data/shapes", weights="weights/shapes", train
     from model import MiniGPT4
     os.makedirs(out, exist_ok=True)
     times = {}
-    if not os.path.isfile(os.path.join(data, "test", "eval.json")):
+    if not all(os.path.isfile(os.path.join(data, f)) for f in ("test/eval.json", "qa/filter_cap.json")):
         t = time.time()
         S.make(data)
         times["data"] = time.time() - t
@@ -102,7 +102,8 @@ def run(out="out/miniature", data="data/shapes", weights="weights/shapes", train
         times["vision tower"] = time.time() - t
     common = ["--config", "shapes", f"--weights={weights}", *train_args]
     stage1 = ["--stage", "1", f"--data={data}/stage1/*.tar", f"--out_dir={out}/stage1", "--overwrite", *common]
-    stage2 = ["--stage", "2", f"--data={data}/align", f"--init={out}/stage1/ckpt.pth", f"--out_dir={out}/stage2",
+    mix = T.CONFIGS["shapes"]["stages"][2]["data"].replace("data/shapes", data)  # descriptions and questions
+    stage2 = ["--stage", "2", f"--data={mix}", f"--init={out}/stage1/ckpt.pth", f"--out_dir={out}/stage2",
               "--overwrite", *common]
     if not skip_train:
         for name, argv in (("stage 1", stage1), ("stage 2", stage2)):

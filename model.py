@@ -391,7 +391,7 @@ class MiniGPT4(nn.Module):
                 before, after = self.tokenize_segments(prompt, bos=False)
             text = self.tokenizer.encode(texts[b] + end_sym)[:max_txt_len]  # truncated before padding
             rows.append(([bos] + before + [IMG] * nq + after, text))
-        T = max(len(cond) for cond, _ in rows) + max(len(text) for _, text in rows)
+        T = max(len(cond) + len(text) for cond, text in rows)  # rows are packed: pad only after each one's text
         ids, mask, labels = [], [], []
         for cond, text in rows:
             n = len(cond) + len(text)

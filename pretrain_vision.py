@@ -2,7 +2,7 @@
 The miniature's vision tower: a small EVA-style ViT, ln_vision and a Q-Former (the project's own vit.py and
 qformer.py, model.py's "shapes" preset), pretrained on the shapes world, then frozen for both MiniGPT-4 stages.
 
-    python pretrain_vision.py --out weights/shapes           # about 5 minutes on 2 CPU cores
+    python pretrain_vision.py --out weights/shapes           # about 8 minutes on 2 CPU cores
 
 Why: MiniGPT-4 starts from EVA-CLIP and BLIP-2, pretrained on hundreds of millions of images; nothing like that
 can be downloaded offline, and a random tower does not do: the image-dependent part of a random Q-Former's

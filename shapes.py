@@ -12,7 +12,9 @@ test scene (background and objects, jitter aside) ever appears in training. Writ
 
     OUT/stage1/00000.tar ...   short captions ("a small red circle and a blue star"), the shard layout of data.py
     OUT/align/                 stage 2 (cc_sbu_align): filter_cap.json + image/ID.jpg; detailed descriptions in
-                               three styles, plus short question-answer pairs (see QA_SHARE and the README)
+                               three styles, the paper's stage-2 data
+    OUT/qa/                    the same layout: short questions with one-word answers (each annotation's
+                               "instruction" holds its question), mixed into stage 2 per batch (README)
     OUT/test/eval.json         held-out images: {"questions": [{image, question, answer, type}],
                                "images": [{image, objects, background, caption}]} (eval.py reads both)
 """
@@ -38,7 +40,6 @@ PLACES = ["top left", "top", "top right", "left", "center", "right", "bottom lef
 SPLITS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}  # scene hash % 10
 NUMBER = {1: "one", 2: "two", 3: "three"}
 QUESTION_TYPES = ["colour", "shape", "position", "count", "existence"]
-QA_SHARE = 0.5  # of the stage-2 pairs: short questions (one-word answers); the rest: detailed descriptions
 
 
 # ------------------------------------------------------------------------------------------------- scenes
@@ -190,16 +191,16 @@ def write_stage1(out, n, shard_size=1000):
     return paths
 
 
-def write_stage2(out, n, qa_share=QA_SHARE):
-    """n train scenes (after stage 1's) -> out/filter_cap.json + out/image/ID.jpg: a detailed description each,
-    and for a share of them a question-answer pair instead (its "instruction" holds the question)."""
+def write_stage2(out, n, qa_share=0.0, first=10**7, types=QUESTION_TYPES):
+    """n train scenes from index `first` (far from stage 1's) -> out/filter_cap.json + out/image/ID.jpg: a
+    detailed description each, or for a share of them a question-answer pair (its "instruction" holds the question)."""
     os.makedirs(os.path.join(out, "image"), exist_ok=True)
     anns = []
     for i in range(n):
-        s, rng = scene("train", 10**7 + i), random.Random(f"align/{i}")  # far from stage 1's indices
+        s, rng = scene("train", first + i), random.Random(f"align/{first + i}")
         render(s).save(os.path.join(out, "image", f"{i}.jpg"), quality=95)
         if rng.random() < qa_share:
-            q, ans = question(s, rng.choice(QUESTION_TYPES), rng)
+            q, ans = question(s, rng.choice(types), rng)
             anns.append({"image_id": str(i), "caption": ans, "instruction": f"<Img><ImageHere></Img> {q}"})
         else:
             anns.append({"image_id": str(i), "caption": description(s, rng)})
@@ -208,7 +209,7 @@ def write_stage2(out, n, qa_share=QA_SHARE):
     return len(anns)
 
 
-def write_eval(out, n, split="test"):
+def write_eval(out, n, split="test", types=QUESTION_TYPES):
     """n held-out scenes -> out/images/*.jpg and out/eval.json: one question per image, the types in turn."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     questions, images = [], []
@@ -216,7 +217,7 @@ def write_eval(out, n, split="test"):
         s, rng = scene(split, i), random.Random(f"eval/{split}/{i}")
         rel = f"images/{i:05d}.jpg"
         render(s).save(os.path.join(out, rel), quality=95)
-        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        qtype = types[i % len(types)]
         q, ans = question(s, qtype, rng)
         questions.append({"image": rel, "question": q, "answer": ans, "type": qtype})
         images.append({"image": rel, "objects": ground_truth(s), "background": s["background"],
@@ -226,10 +227,11 @@ def write_eval(out, n, split="test"):
     return questions
 
 
-def make(out, stage1=6000, stage2=3000, test=500, val=200):
+def make(out, stage1=6000, stage2=2000, qa=3000, test=500, val=200):
     """The whole dataset (see the module docstring)."""
     shards = write_stage1(os.path.join(out, "stage1"), stage1)
     pairs = write_stage2(os.path.join(out, "align"), stage2)
+    write_stage2(os.path.join(out, "qa"), qa, qa_share=1.0, first=2 * 10**7)
     write_eval(os.path.join(out, "test"), test, "test")
     write_eval(os.path.join(out, "val"), val, "val")
     return shards, pairs
@@ -239,20 +241,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Make the shapes world's dataset.")
     p.add_argument("--out", default="data/shapes")
     p.add_argument("--stage1", type=int, default=6000, help="stage-1 image-caption pairs (1000 per shard)")
-    p.add_argument("--stage2", type=int, default=3000, help="stage-2 pairs (descriptions and questions)")
+    p.add_argument("--stage2", type=int, default=2000, help="stage-2 detailed descriptions")
+    p.add_argument("--qa", type=int, default=3000, help="stage-2 questions (one-word answers)")
     p.add_argument("--test", type=int, default=500, help="held-out images, one question each")
     p.add_argument("--val", type=int, default=200)
     args = p.parse_args(argv)
-    for k in ("stage1", "stage2", "test", "val"):
+    for k in ("stage1", "stage2", "qa", "test", "val"):
         if not 1 <= getattr(args, k) <= 10**7:
             p.error(f"--{k} must be between 1 and 10000000")
     try:
-        shards, pairs = make(args.out, args.stage1, args.stage2, args.test, args.val)
+        shards, pairs = make(args.out, args.stage1, args.stage2, args.qa, args.test, args.val)
     except OSError as e:
         print(f"error: {args.out}: {e}", file=sys.stderr)
         return 1
-    print(f"{args.out}: {len(shards)} stage-1 shards ({args.stage1} pairs), align/ ({pairs} pairs), "
-          f"test/eval.json ({args.test}), val/eval.json ({args.val})")
+    print(f"{args.out}: {len(shards)} stage-1 shards ({args.stage1} pairs), align/ ({pairs} descriptions), "
+          f"qa/ ({args.qa} questions), test/eval.json ({args.test}), val/eval.json ({args.val})")
     return 0
 
 

@@ -74,11 +74,12 @@ def test_written_files_load_in_the_project_readers(tmp_path):
     got = list(ShardDataset(str(tmp_path / "stage1" / "*.tar"), shuffle=0, size=S.SIZE))
     assert len(got) == 12 and got[0]["image"].shape == (3, S.SIZE, S.SIZE) and all(g["text"] for g in got)
     S.write_stage2(tmp_path / "align", 20)
-    ds = AlignDataset(str(tmp_path / "align"))
-    items = [ds[i] for i in range(len(ds))]
-    questions = [it for it in items if "?" in it["instruction"]]
-    assert 0 < len(questions) < 20  # both kinds: questions carry their own instruction
-    assert all("<ImageHere>" in it["instruction"] for it in items)
+    S.write_stage2(tmp_path / "qa", 20, qa_share=1.0, first=2 * 10**7)
+    align, qa = ([ds[i] for i in range(len(ds))] for ds in (AlignDataset(str(tmp_path / k)) for k in ("align", "qa")))
+    assert len(align) == len(qa) == 20 and all(len(it["text"].split()) > 8 for it in align)  # descriptions
+    assert all(it["instruction"].endswith("?") for it in qa)  # each question is its annotation's instruction
+    assert all(len(it["text"].split()) == 1 or it["text"] in S.PLACES for it in qa)  # a word, or a place
+    assert all("<ImageHere>" in it["instruction"] for it in align + qa)
     S.write_eval(tmp_path / "test", 10)
     qs = E.read_items(str(tmp_path / "test" / "eval.json"), ["image", "question", "answers"])
     assert len(qs) == 10 and {q["type"] for q in qs} == set(S.QUESTION_TYPES)
