@@ -14,17 +14,19 @@ def test_table5_command_on_tiny(shards, tmp_path, capsys):  # noqa: F811
     (tmp_path / "qa.json").write_text(json.dumps([
         {"image": "cat.jpg", "question": "What animal?", "answers": ["cat"], "type": "animal"},
         {"image": "coffee.jpg", "question": "How many cups?", "answer": "one", "type": "count"}]))
-    (tmp_path / "objects.json").write_text(json.dumps([{"image": "cat.jpg", "objects": ["cat"]}]))
+    (tmp_path / "objects.json").write_text(json.dumps([{"image": "cat.jpg", "objects": ["cat"]},
+                                                       {"image": "coffee.jpg", "objects": ["cup"]}]))
     out = tmp_path / "table5"
     rc = ablate.main(["--stage1", shards, "--vqa", str(tmp_path / "qa.json"), "--chair",
                       str(tmp_path / "objects.json"), "--out_dir", str(out), "--vqa-tokens", "2", "--chair-tokens", "3",
+                      "--chair-images", "1",
                       "--", "--config", "tiny", "--max_epoch", "1", "--iters_per_epoch", "1", "--batch_size", "2"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "table5.json").read_text())["results"]
     assert list(res) == list(ablate.VARIANTS)
     for name, r in res.items():
         ck = r["checkpoint"]
-        assert ck.endswith("stage1/ckpt.pth") and r["vqa"]["n"] == 2 and r["chair"]["long"]["n"] == 1
+        assert ck.endswith("stage1/ckpt.pth") and r["vqa"]["n"] == 2 and r["chair"]["long"]["n"] == 1  # --chair-images 1 of 2
         assert r["vqa"]["model"]["ablation"] == {"no_qformer": name == "w/o Q-Former",
                                                  "proj_layers": 3 if name == "+ 3 layers" else 1,
                                                  "train_qformer": name == "+ finetune Q-Former"}
