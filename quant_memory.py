@@ -124,14 +124,12 @@ def shard_sizes(folder):
 
 def measure(folder, modes=("fp16", "int8")):
     """Each mode in a fresh process, one after the other -> (rows, largest shard bytes); prints the table."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    here = os.path.dirname(os.path.abspath(__file__))
+    env, me = dict(os.environ, OMP_NUM_THREADS="1"), os.path.abspath(__file__)
     rows = []
     for mode in modes:
         # through sh, not exec'd directly: a process exec'd from this one starts with this one's ru_maxrss
-        me = os.path.abspath(__file__)
         cmd = ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, me, "--child", mode, folder]
-        r = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True)
+        r = subprocess.run(cmd, cwd=os.path.dirname(me), env=env, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"{mode} load failed:\n{r.stderr[-3000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))

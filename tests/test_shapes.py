@@ -75,7 +75,10 @@ def test_written_files_load_in_the_project_readers(tmp_path):
     assert len(got) == 12 and got[0]["image"].shape == (3, S.SIZE, S.SIZE) and all(g["text"] for g in got)
     S.write_stage2(tmp_path / "align", 20)
     S.write_stage2(tmp_path / "qa", 20, qa_share=1.0, first=2 * 10**7)
-    align, qa = ([ds[i] for i in range(len(ds))] for ds in (AlignDataset(str(tmp_path / k)) for k in ("align", "qa")))
+    def items(folder):
+        ds = AlignDataset(str(tmp_path / folder))
+        return [ds[i] for i in range(len(ds))]
+    align, qa = items("align"), items("qa")
     assert len(align) == len(qa) == 20 and all(len(it["text"].split()) > 8 for it in align)  # descriptions
     assert all(it["instruction"].endswith("?") for it in qa)  # each question is its annotation's instruction
     assert all(len(it["text"].split()) == 1 or it["text"] in S.PLACES for it in qa)  # a word, or a place
