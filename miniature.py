@@ -3,8 +3,8 @@ MiniGPT-4 in miniature, in one command: the shapes world's data, the vision towe
 evaluation the README reports (accuracy per question type on held-out images, beside chance and beside the same
 questions asked about shuffled images), and five detailed descriptions drawn beside their images.
 
-    python miniature.py                       # everything missing is made; about 32 minutes on 2 CPU cores
-    python miniature.py --skip-train          # only the evaluation of out/shapes-stage2/ckpt.pth
+    python miniature.py                       # everything missing is made; about 25 minutes on 2 CPU cores
+    python miniature.py --skip-train          # only the evaluation of OUT/stage2/ckpt.pth
 
 The steps are the README's commands (shapes.py, pretrain_vision.py, train.py --config shapes, eval.py); this file
 only runs them in order and writes OUT/results.json, OUT/results.md and OUT/descriptions.png.

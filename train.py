@@ -87,13 +87,13 @@ CONFIGS = {  # `tiny`: the random tiny fixture model on the CPU, a few seconds
                  max_epoch=2, iters_per_epoch=4, warmup_steps=2, lr=1e-3, min_lr=1e-4, log_interval=1,
                  ckpt_interval=4),
     # `shapes`: the miniature (README): shapes.py's data, pretrain_vision.py's tower, SmolLM2-135M, both stages in
-    # 22 minutes on 2 CPU cores (the goal is 15). Batch 8: many small updates learn where few large ones did not;
-    # short runs need a larger lr than the original's 1e-4 / 3e-5. Stage 2 mixes descriptions and questions 1:2.
+    # about 15 minutes on 2 CPU cores. Batch 8: many small updates learn where few large ones did not; short runs
+    # need a larger lr than the original's 1e-4 / 3e-5. Stage 2 mixes descriptions and questions 1:4 per batch.
     "shapes": dict(model="shapes", weights="weights/shapes", device="cpu", dtype="float32", num_workers=0,
                    log_interval=10, ckpt_interval=100, warmup_steps=10, max_epoch=1, stages={
-                       1: dict(data="data/shapes/stage1/*.tar", batch_size=8, iters_per_epoch=600, lr=3e-3, min_lr=3e-4),
-                       2: dict(data="data/shapes/align:1,data/shapes/qa:2", init="out/shapes-stage1/ckpt.pth",
-                               batch_size=8, iters_per_epoch=600, lr=3e-3, min_lr=3e-4, max_txt_len=96)}),
+                       1: dict(data="data/shapes/stage1/*.tar", batch_size=8, iters_per_epoch=300, lr=3e-3, min_lr=3e-4),
+                       2: dict(data="data/shapes/align:1,data/shapes/qa:4", init="out/shapes-stage1/ckpt.pth",
+                               batch_size=8, iters_per_epoch=500, lr=3e-3, min_lr=3e-4, max_txt_len=96)}),
 }
 
 RESUME_MAY_CHANGE = ("stop_step", "log_interval", "ckpt_interval", "device", "out_dir", "resume",  # --resume:
