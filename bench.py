@@ -395,47 +395,6 @@ def bench_e2e(args):
     return not bad
 
 
-def bench_quant(args):
-    """Low-memory mode (quant.py): greedy decode tokens/s and weight bytes of one LLM, float (fp32 on CPU, fp16 on
-    GPU) vs int8 vs int4, same random weights; ratios against float measured in this run. GPU: LLaMA-7B's shape."""
-    import copy
-    from llama import Llama, LlamaConfig
-    from quant import quantize_
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if dev == "cuda" else torch.float32
-    cfg = LlamaConfig() if dev == "cuda" else LlamaConfig(dim=1024, n_layers=8, n_heads=16, hidden_dim=2816)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        base = Llama(cfg).to(dtype).eval()
-    prompt, n = torch.randint(3, cfg.vocab_size, (1, 16), device=dev), args.new_tokens
-    params = sum(p.numel() for p in base.parameters()) / 1e6
-    print(f"decode {n} tokens after 16, {dev}, LLaMA dim {cfg.dim} x {cfg.n_layers} layers ({params:.0f}M params)")
-    rows = []
-    for mode in (None, "int8", "int4"):
-        m = base if mode is None else quantize_(copy.deepcopy(base), mode)
-        weight_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
-        with torch.no_grad():
-            cache, out = m.new_cache(1, 16 + n + 1), []
-            tok = m(prompt, cache=cache)[:, -1:].argmax(-1)
-            sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-            sync()
-            t0 = time.time()
-            for _ in range(n):
-                out.append(tok)
-                tok = m(tok, cache=cache)[:, -1:].argmax(-1)
-            sync()
-            rate = n / (time.time() - t0)
-        rows.append((mode or str(dtype).split(".")[1], rate, weight_bytes, torch.cat(out, 1)))
-        if mode is not None:
-            del m
-    ref = rows[0]
-    for name, rate, nbytes, toks in rows:
-        agree = (toks == ref[3]).float().mean().item()
-        print(f"  {name:8s} {rate:8.1f} tok/s ({rate / ref[1]:.2f}x)  weights {nbytes / 2**20:8.1f} MiB "
-              f"({nbytes / ref[2]:.2f}x)  greedy tokens = float's: {agree:.0%}")
-    return True
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attention", action="store_true", help="attention kernel vs SDPA backends and naive")
@@ -446,19 +405,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="--e2e: few iterations (the whole run < 5 min)")
     parser.add_argument("--batch", type=int, default=64, help="--e2e: images per encode / training step")
     parser.add_argument("--new-tokens", type=int, default=256, help="--e2e: tokens decoded in chat")
-    parser.add_argument("--quant", action="store_true", help="LLM decode tok/s and memory: float vs int8 vs int4")
     parser.add_argument("--peak-tflops", type=float, help="bf16 dense TFLOP/s of this GPU (default: by name)")
     parser.add_argument("--peak-tbps", type=float, help="memory TB/s of this GPU (default: by name)")
     args = parser.parse_args()
-    run_all = not (args.attention or args.e2e or args.quant)  # no section named: run every section
+    run_all = not (args.attention or args.e2e)  # no section named: run every section
     ok = True
     t0 = time.time()
     if args.attention or run_all:
         ok &= bench_attention(args)
     if args.e2e or run_all:
         ok &= bench_e2e(args)
-    if args.quant or run_all:
-        ok &= bench_quant(args)
     print(f"done in {time.time() - t0:.1f}s" + ("" if ok else "  (MISMATCH: see above)"))
     raise SystemExit(0 if ok else 1)
 

@@ -133,12 +133,10 @@ def recorded_ablation(path):
 
 def projection(in_dim, dim, layers=1):
     """llama_proj: one Linear (the paper), or Linear-GELU-Linear-...-Linear (Table 5's "3 layers")."""
-    if layers == 1:
-        return nn.Linear(in_dim, dim)
     mods = [nn.Linear(in_dim, dim)]
     for _ in range(layers - 1):
         mods += [nn.GELU(), nn.Linear(dim, dim)]
-    return nn.Sequential(*mods)
+    return mods[0] if layers == 1 else nn.Sequential(*mods)
 
 # --------------------------------------------------------------------------------------- weights on disk
 LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
@@ -230,12 +228,10 @@ class MiniGPT4(nn.Module):
         self.cfg = cfg
         self.visual_encoder = VisionTransformer(cfg.vit) if visual_encoder is None else visual_encoder
         self.ln_vision = nn.LayerNorm(cfg.vit.width, eps=cfg.ln_vision_eps)  # llama2: weight 1, bias 0
-        if cfg.qformer is not None:  # None: llama2, or the no_qformer ablation
-            self.Qformer = QFormer(cfg.qformer) if Qformer is None else Qformer
-            in_dim = self.Qformer.config.hidden_size
-        else:
-            self.Qformer = None
-            in_dim = cfg.vit.width * cfg.group
+        if cfg.qformer is not None and Qformer is None:  # cfg.qformer None: llama2, or the no_qformer ablation
+            Qformer = QFormer(cfg.qformer)
+        self.Qformer = Qformer if cfg.qformer is not None else None
+        in_dim = cfg.vit.width * cfg.group if self.Qformer is None else self.Qformer.config.hidden_size
         self.llama_model = Llama(LlamaConfig.from_name(cfg.llm)) if llama_model is None else llama_model
         self.llama_proj = projection(in_dim, self.llama_model.cfg.dim, cfg.proj_layers)  # the trained parameters
         self.tokenizer = tokenizer
@@ -247,12 +243,11 @@ class MiniGPT4(nn.Module):
     @classmethod
     def from_pretrained(cls, weights=None, model="vicuna-7b", vit=None, qformer=None, llm=None, proj=None,
                         dtype=torch.float32, device="cpu", cfg=None, ablation=None, quant=None):
-        """Load a weights folder laid out like the original release (or a test fixture), with per-file overrides;
-        dimensions come from the files. proj: None = the projection file in `weights`, a path = that file (a
-        train.py checkpoint: its recorded Table 5 switches apply), False = a fresh fp32 projection (nn.Linear's
-        default init from the current torch seed: stage-1 training). ablation: ABLATION's switches, checked
-        against the checkpoint's record (None: as recorded). quant "int8"/"int4": the LLM's Linears quantized while
-        loading (quant.py); the rest keeps `dtype`."""
+        """A weights folder laid out like the original release (or a test fixture), per-file overrides; sizes come
+        from the files. proj: None = the folder's projection file, a path = that file (a train.py checkpoint: its
+        Table 5 switches apply), False = a fresh fp32 projection (nn.Linear's init, current seed: stage 1).
+        ablation: ABLATION's switches, checked against the checkpoint's record (None: as recorded). quant
+        "int8"/"int4": the LLM's Linears quantized while loading (quant.py); the rest keeps `dtype`."""
         preset = ALIASES.get(model, model)
         cfg = cfg or MiniGPT4Config.from_name(preset)
         given = proj not in (None, False) and os.path.isfile(proj)  # (a missing file: find_weights lists it)
@@ -291,8 +286,7 @@ class MiniGPT4(nn.Module):
                     proj_layers=self.cfg.proj_layers, train_qformer=self.cfg.train_qformer)
 
     def trainable_state_dict(self):
-        """What training saves as {"model": this, ...}: llama_proj.weight/bias in fp32 (the original's layout);
-        the ablations: llama_proj.{0,2,4}.* (3 layers), Qformer.* (finetuned Q-Former)."""
+        """What training saves as {"model": this}: llama_proj.* in fp32 (+ Qformer.* with a finetuned Q-Former)."""
         return {k: p.detach().float().cpu().clone() for k, p in self.named_parameters() if p.requires_grad}
 
     def reset_projection(self):
@@ -348,8 +342,7 @@ class MiniGPT4(nn.Module):
     # -------------------------------------------------------------------------------------- text side
     @property
     def pad_id(self):
-        tok = self.tokenizer
-        return tok.eos_id if self.cfg.pad_piece is None else tok.piece_to_id(self.cfg.pad_piece)
+        return self.tokenizer.eos_id if self.cfg.pad_piece is None else self.tokenizer.piece_to_id(self.cfg.pad_piece)
 
     def embed(self, ids):  # list of ids -> (1, T, D)
         dev = self.llama_model.model.embed_tokens.weight.device

@@ -183,7 +183,7 @@ def pretrain(out="weights/shapes", steps=900, batch_size=48, lr=1e-3, seed=0, va
     for step in range(1, steps + 1):
         for g in opt.param_groups:  # linear warmup, cosine to 0
             g["lr"] = lr * min(step / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
-        sc = [S.scene("train", 2 * 10**7 + index + b) for b in range(batch_size)]  # apart from the MiniGPT-4 stages'
+        sc = [S.scene("train", S.QA_FIRST + index + b) for b in range(batch_size)]  # qa/'s images too; never val/test
         index += batch_size
         loss = loss_fn(tower(pixels([S.render(s) for s in sc])), labels(sc))
         opt.zero_grad(set_to_none=True)

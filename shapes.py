@@ -40,6 +40,7 @@ PLACES = ["top left", "top", "top right", "left", "center", "right", "bottom lef
 SPLITS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}  # scene hash % 10
 NUMBER = {1: "one", 2: "two", 3: "three"}
 QUESTION_TYPES = ["colour", "shape", "position", "count", "existence"]
+ALIGN_FIRST, QA_FIRST = 10**7, 2 * 10**7  # train-scene indices of align/ and qa/ (stage 1: from 0)
 
 
 # ------------------------------------------------------------------------------------------------- scenes
@@ -191,7 +192,7 @@ def write_stage1(out, n, shard_size=1000):
     return paths
 
 
-def write_stage2(out, n, qa_share=0.0, first=10**7, types=QUESTION_TYPES):
+def write_stage2(out, n, qa_share=0.0, first=ALIGN_FIRST, types=QUESTION_TYPES):
     """n train scenes from index `first` (far from stage 1's) -> out/filter_cap.json + out/image/ID.jpg: a
     detailed description each, or for a share of them a question-answer pair (its "instruction" holds the question)."""
     os.makedirs(os.path.join(out, "image"), exist_ok=True)
@@ -231,7 +232,7 @@ def make(out, stage1=6000, stage2=2000, qa=3000, test=500, val=200):
     """The whole dataset (see the module docstring)."""
     shards = write_stage1(os.path.join(out, "stage1"), stage1)
     pairs = write_stage2(os.path.join(out, "align"), stage2)
-    write_stage2(os.path.join(out, "qa"), qa, qa_share=1.0, first=2 * 10**7)
+    write_stage2(os.path.join(out, "qa"), qa, qa_share=1.0, first=QA_FIRST)
     write_eval(os.path.join(out, "test"), test, "test")
     write_eval(os.path.join(out, "val"), val, "val")
     return shards, pairs

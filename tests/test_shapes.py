@@ -74,7 +74,7 @@ def test_written_files_load_in_the_project_readers(tmp_path):
     got = list(ShardDataset(str(tmp_path / "stage1" / "*.tar"), shuffle=0, size=S.SIZE))
     assert len(got) == 12 and got[0]["image"].shape == (3, S.SIZE, S.SIZE) and all(g["text"] for g in got)
     S.write_stage2(tmp_path / "align", 20)
-    S.write_stage2(tmp_path / "qa", 20, qa_share=1.0, first=2 * 10**7)
+    S.write_stage2(tmp_path / "qa", 20, qa_share=1.0, first=S.QA_FIRST)
     def items(folder):
         ds = AlignDataset(str(tmp_path / folder))
         return [ds[i] for i in range(len(ds))]
